@@ -1,0 +1,134 @@
+"""The `rlxf` command: one subcommand per pipeline stage, each configured by one dataclass.
+
+    rlxf <stage> --config stage.yaml --key value --train.lr 3e-4
+
+`rlxf <stage> --help` lists every option with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rlxf.config import ConfigError, add_config_arguments, config_from_args
+
+
+@dataclass
+class Command:
+    config_cls: type
+    run: Callable[[Any], Any]
+
+
+def _world_factworld() -> Command:
+    from rlxf.worlds.factworld import FactWorldConfig, write_factworld
+
+    def run(cfg: FactWorldConfig) -> None:
+        paths = write_factworld(cfg, cfg.out)
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+
+    return Command(FactWorldConfig, run)
+
+
+def _tiny_model() -> Command:
+    from rlxf.models.tiny import TinyModelConfig, make_tiny_model
+
+    def run(cfg: TinyModelConfig) -> None:
+        print(make_tiny_model(cfg))
+
+    return Command(TinyModelConfig, run)
+
+
+def _sft() -> Command:
+    from rlxf.trainers.sft import SFTConfig, train_sft
+
+    def run(cfg: SFTConfig) -> None:
+        result = train_sft(cfg)
+        _print_summary(result)
+
+    return Command(SFTConfig, run)
+
+
+def _rm() -> Command:
+    from rlxf.trainers.rm import RewardModelConfig, train_reward_model
+
+    def run(cfg: RewardModelConfig) -> None:
+        result = train_reward_model(cfg)
+        _print_summary(result)
+
+    return Command(RewardModelConfig, run)
+
+
+def _demo() -> Command:
+    from rlxf.demo import DemoConfig, run_demo
+
+    def run(cfg: DemoConfig) -> None:
+        print(run_demo(cfg))
+
+    return Command(DemoConfig, run)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    last = {k: v[-1] for k, v in result.get("history", {}).items() if v}
+    print(json.dumps({"out": result.get("out"), "finished": result.get("finished"), "last": last}, indent=2))
+
+
+# Imports happen when a command is chosen, so `rlxf --help` stays fast.
+COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
+    "world factworld": ("Write FactWorld: knowledge base, SFT data, prompts, preference pairs.", _world_factworld),
+    "tiny-model": ("Train a BPE tokenizer on a corpus and build a small Llama (save_pretrained dir).", _tiny_model),
+    "sft": ("Supervised fine-tuning on completion tokens.", _sft),
+    "rm": ("Train a reward model on preference pairs (Bradley-Terry, margins, soft labels).", _rm),
+    "demo": ("The whole pipeline on FactWorld with a tiny model; writes runs/<name>/report.md.", _demo),
+}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Command | None]:
+    parser = argparse.ArgumentParser(
+        prog="rlxf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--log-level", default="INFO", help="Python logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    chosen = " ".join(a for a in argv[:2] if not a.startswith("-"))
+    selected: Command | None = None
+    for name, (help_text, factory) in COMMANDS.items():
+        head, _, tail = name.partition(" ")
+        is_chosen = chosen == name or (not tail and chosen.split(" ")[0] == name)
+        command = factory() if is_chosen else None
+        if tail:
+            if head not in groups:
+                group_parser = sub.add_parser(head, help=f"{head} subcommands")
+                groups[head] = group_parser.add_subparsers(dest="subcommand", metavar="<kind>")
+            p = groups[head].add_parser(tail, help=help_text, description=help_text)
+        else:
+            p = sub.add_parser(name, help=help_text, description=help_text)
+        if command:
+            add_config_arguments(p, command.config_cls)
+            selected = command
+    return parser, selected
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, command = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if command is None:
+        parser.print_help()
+        return 2
+    try:
+        cfg = config_from_args(command.config_cls, args)
+        command.run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"rlxf: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

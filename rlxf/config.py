@@ -1,0 +1,199 @@
+"""Stage configs: one dataclass per stage, read from YAML and overridden by `--key value` flags.
+
+YAML keys equal field names (nested dataclasses are nested mappings, and `--train.lr 1e-4` on the command line);
+a field's docstring is its `--help` text; every default lives in the dataclass and nowhere else. Unknown keys and
+values of the wrong type are errors that name the file (or flag) and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import math
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or flag that does not fit the stage's dataclass."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (the string literal right after it)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _resolved_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or flag value to the field's type, or raise naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], where)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, str))
+            or (isinstance(value, str) and not value.strip().lstrip("+-").isdigit())
+        ):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        # PyYAML reads `1e-5` (no dot) as a string: accept it, as a user means a number.
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or math.isnan(out):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
+    """Build `cls` from a (possibly nested) mapping, strictly: unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    known = {f.name: (f, tp) for f, tp in _resolved_fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        _, tp = known[name]
+        key = f"{where} key '{name}'"
+        kwargs[name] = from_dict(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _flatten(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted name, type, default, help) for every leaf field, nested dataclasses included."""
+    docs = field_docs(cls)
+    rows = []
+    for f, tp in _resolved_fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            rows.extend(_flatten(tp, name + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        rows.append((name, tp, default, docs.get(f.name, "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--name` flag per field (dotted for nested ones), documented with its docstring, type and default."""
+    parser.add_argument(
+        "--config", metavar="YAML", help="YAML file whose keys are the fields below; flags given here override it."
+    )
+    for name, tp, default, doc in _flatten(cls):
+        shown = "required" if default is dataclasses.MISSING else f"default: {default!r}"
+        parser.add_argument(
+            f"--{name}",
+            dest=f"cfg:{name}",
+            metavar=_type_name(tp).upper(),
+            default=argparse.SUPPRESS,
+            nargs="?" if tp is bool else None,
+            const="true" if tp is bool else None,
+            help=f"{doc} ({shown})".replace("%", "%%"),
+        )
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """Merge `--config` YAML with flag overrides into a `cls` instance."""
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of {cls.__name__} fields")
+        data = loaded
+    for key, value in vars(args).items():
+        if not key.startswith("cfg:"):
+            continue
+        node = data
+        *parents, leaf = key[4:].split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(cls, data, where=getattr(args, "config", None) or "flags")
+
+
+def save_yaml(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,122 @@
+"""Tiny local models: a BPE tokenizer trained on a corpus and a small Llama built from a config.
+
+Tests and demos use these instead of downloading weights. Both are saved as ordinary `save_pretrained`
+directories, so `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained` load them unchanged, and every stage
+that accepts a tiny model accepts any Hugging Face causal LM directory as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+
+# One turn per role marker; the assistant turn ends with EOS so a generated reply stops there.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + '\n' + message['content'] + '<|eos|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' + '\n' }}{% endif %}"
+)
+
+
+@dataclass
+class TinyModelConfig:
+    corpus: str = ""
+    """Text file(s) to train the tokenizer on, comma-separated (e.g. a world's corpus.txt). Required."""
+    out: str = "runs/tiny-model"
+    """Directory to write the tokenizer and the model into (a `save_pretrained` directory)."""
+    vocab_size: int = 512
+    """BPE vocabulary size, special tokens included."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    layers: int = 2
+    """Number of transformer blocks."""
+    heads: int = 4
+    """Attention heads (hidden_size must divide by it)."""
+    intermediate_size: int = 256
+    """Width of the MLP."""
+    max_position_embeddings: int = 512
+    """Longest sequence the model can see."""
+    seed: int = 0
+    """Seed of the weight initialisation."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with BOS/EOS/PAD, chat-role tokens and a chat template.
+
+    Byte-level pre-tokenisation means any UTF-8 text round-trips and offsets map to characters, which the
+    span-based rewards rely on. The tokenizer prepends BOS when `add_special_tokens=True`, like Llama's.
+    """
+    special = [PAD, BOS, EOS, *ROLE_TOKENS]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+            ),
+        ]
+    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    wrapped.add_special_tokens({"additional_special_tokens": list(ROLE_TOKENS)})
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig) -> LlamaForCausalLM:
+    """A freshly initialised Llama sized by `cfg`, with the tokenizer's special-token ids in its config."""
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def make_tiny_model(cfg: TinyModelConfig) -> Path:
+    """Train the tokenizer on `cfg.corpus`, build the model, save both into `cfg.out`; returns the directory."""
+    if not cfg.corpus:
+        raise ValueError(
+            "tiny-model needs --corpus: a text file to train the tokenizer on (e.g. a world's corpus.txt)"
+        )
+    lines: list[str] = []
+    for path in cfg.corpus.split(","):
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"corpus file {p} does not exist; write a world first (`rlxf world factworld`)")
+        lines.extend(line for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    tokenizer = train_tokenizer(lines, cfg.vocab_size)
+    model = build_tiny_model(tokenizer, cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,135 @@
+"""Supervised fine-tuning: next-token NLL on completion tokens only.
+
+Shapes: B batch, L sequence length, V vocab.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlxf.data import load_sft
+from rlxf.engine import Engine, TrainConfig
+from rlxf.logprobs import shift_for_next_token, token_logprobs
+from rlxf.tokenization import encode_sft, pad
+from rlxf.trainers.common import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""
+    """save_pretrained directory of the causal LM to fine-tune (from `rlxf tiny-model` or any HF model). Required."""
+    train_file: str = ""
+    """SFT data: JSONL / Parquet / datasets dir with `prompt` + `completion` or `messages`. Required."""
+    eval_file: str = ""
+    """Held-out SFT data for the evaluation loss (optional)."""
+    out: str = "runs/sft"
+    """Output directory: metrics, checkpoints, and the final model in `final/`."""
+    max_length: int = 256
+    """Longest prompt + completion in tokens; longer prompts are cut from the left."""
+    max_prompt_length: int = 192
+    """Longest prompt in tokens before the completion is appended."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """What a malformed or over-long row does: stop with an error, or be skipped and written to a side file."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, epochs=3.0))
+    """Optimisation settings (engine)."""
+
+
+def collate_sft(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    ids, attention_mask = pad([r["input_ids"] for r in rows], pad_id, side="right")
+    completion_mask, _ = pad([r["completion_mask"] for r in rows], 0, side="right")
+    return {
+        "input_ids": ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "num_units": int(completion_mask[:, 1:].sum()),  # predicted completion tokens
+        "num_tokens": int(attention_mask.sum()),
+    }
+
+
+def completion_nll(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the completion tokens and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+    logits, labels, mask = shift_for_next_token(logits, batch["input_ids"], batch["completion_mask"])
+    logps = token_logprobs(logits, labels)  # (B, L-1)
+    mask = mask.float()
+    return -(logps * mask).sum(), mask.sum()
+
+
+@torch.no_grad()
+def evaluate_nll(model: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, batch_size: int, device) -> float:
+    """Mean NLL per completion token over `rows`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, len(rows), batch_size):
+        batch = {
+            k: v.to(device) if torch.is_tensor(v) else v
+            for k, v in collate_sft(rows[i : i + batch_size], pad_id).items()
+        }
+        nll, n = completion_nll(model, batch)
+        total, count = total + nll.item(), count + n.item()
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+def train_sft(cfg: SFTConfig, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Fine-tune `cfg.model` on `cfg.train_file`; returns the metric history and the final evaluation."""
+    tokenizer = load_tokenizer(cfg.model)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    out = Path(cfg.out)
+    rows = encode_sft(
+        load_sft(cfg.train_file, on_bad_row=cfg.on_bad_row, rejected_path=out / "rejected_train.jsonl"),
+        tokenizer,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        on_bad_row=cfg.on_bad_row,
+    )
+    eval_rows = []
+    if cfg.eval_file:
+        eval_rows = encode_sft(
+            load_sft(cfg.eval_file, on_bad_row=cfg.on_bad_row, rejected_path=out / "rejected_eval.jsonl"),
+            tokenizer,
+            max_length=cfg.max_length,
+            max_prompt_length=cfg.max_prompt_length,
+            on_bad_row=cfg.on_bad_row,
+            rejected_path=out / "rejected_tokenized.jsonl",
+        )
+    pad_id = tokenizer.pad_token_id
+    engine = Engine(cfg.train, out, model, num_examples=len(rows), config_dict=asdict(cfg))
+    policy = engine.model
+
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nll_sum, _ = completion_nll(policy, batch)
+        return nll_sum, {"loss/nll": nll_sum.detach()}
+
+    def evaluate() -> None:
+        if eval_rows and engine.is_main:
+            nll = evaluate_nll(engine.unwrap(), eval_rows, pad_id, cfg.train.per_device_batch_size, engine.device)
+            engine.log({"eval/nll": nll})
+
+    if engine.step == 0:
+        evaluate()  # the starting point, so the curve shows what training changed
+    lengths = [len(r["input_ids"]) for r in rows]
+    for micro_batches in engine.steps(rows, lambda b: collate_sft(b, pad_id), lengths):
+        engine.train_step(micro_batches, loss_fn)
+        if engine.should_evaluate():
+            evaluate()
+
+    if engine.finished:
+
+        def save(path: Path) -> None:
+            engine.unwrap().save_pretrained(path)
+            tokenizer.save_pretrained(path)
+
+        engine.save_pretrained(save)
+    engine.close()
+    return {"history": engine.history, "finished": engine.finished, "out": str(out)}
