@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from rlxf.config import ConfigError, add_config_arguments, config_from_args
@@ -27,11 +27,17 @@ class Command:
 def _world_factworld() -> Command:
     from rlxf.worlds.factworld import FactWorldConfig, write_factworld
 
-    def run(cfg: FactWorldConfig) -> None:
-        paths = write_factworld(cfg, cfg.out)
+    @dataclass
+    class FactWorldCommand(FactWorldConfig):
+        out: str = "runs/factworld"
+        """Directory to write the world into."""
+
+    def run(cfg: FactWorldCommand) -> None:
+        world = {k: v for k, v in asdict(cfg).items() if k != "out"}
+        paths = write_factworld(FactWorldConfig(**world), cfg.out)
         print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
-    return Command(FactWorldConfig, run)
+    return Command(FactWorldCommand, run)
 
 
 def _tiny_model() -> Command:
