@@ -69,6 +69,30 @@ def _rm() -> Command:
     return Command(RewardModelConfig, run)
 
 
+def _dpo() -> Command:
+    from rlxf.trainers.dpo import DPOConfig, train_dpo
+
+    return Command(DPOConfig, lambda cfg: _print_summary(train_dpo(cfg)))
+
+
+def _sample() -> Command:
+    from rlxf.sampling import SampleConfig, run_sample
+
+    return Command(SampleConfig, lambda cfg: print(run_sample(cfg)))
+
+
+def _pairs() -> Command:
+    from rlxf.feedback.pairs import PairsConfig, run_pairs
+
+    return Command(PairsConfig, lambda cfg: print(run_pairs(cfg)))
+
+
+def _eval() -> Command:
+    from rlxf.evaluation import EvalConfig, markdown_table, run_eval
+
+    return Command(EvalConfig, lambda cfg: print(markdown_table(run_eval(cfg))))
+
+
 def _demo() -> Command:
     from rlxf.demo import DemoConfig, run_demo
 
@@ -89,6 +113,10 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
     "tiny-model": ("Train a BPE tokenizer on a corpus and build a small Llama (save_pretrained dir).", _tiny_model),
     "sft": ("Supervised fine-tuning on completion tokens.", _sft),
     "rm": ("Train a reward model on preference pairs (Bradley-Terry, margins, soft labels).", _rm),
+    "dpo": ("Direct preference optimisation (sigmoid / IPO / conservative / soft labels, cached reference).", _dpo),
+    "sample": ("Sample n responses per prompt from a policy (batched, KV cache); writes JSONL.", _sample),
+    "pairs": ("Sample k responses per prompt and label every pair with a judge; writes preference JSONL.", _pairs),
+    "eval": ("Gold win rate, hallucination, retain accuracy, length, KL (and RM accuracy) for policies.", _eval),
     "demo": ("The whole pipeline on FactWorld with a tiny model; writes runs/<name>/report.md.", _demo),
 }
 

@@ -159,8 +159,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     )
     for name, tp, default, doc in _flatten(cls):
         shown = "required" if default is dataclasses.MISSING else f"default: {default!r}"
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         parser.add_argument(
-            f"--{name}",
+            *flags,
             dest=f"cfg:{name}",
             metavar=_type_name(tp).upper(),
             default=argparse.SUPPRESS,

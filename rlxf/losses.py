@@ -5,6 +5,9 @@ Shapes: B batch (pairs).
 
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -45,3 +48,40 @@ def reward_centering_penalty(chosen_rewards: Tensor, rejected_rewards: Tensor) -
 def pairwise_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
     """Fraction of pairs ranked correctly; ties count half. (B,), (B,) -> ()."""
     return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
+
+
+DPOLossType = Literal["sigmoid", "ipo"]
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,  # (B,) log π_θ(y_chosen | x), summed over response tokens
+    policy_rejected_logps: Tensor,  # (B,)
+    ref_chosen_logps: Tensor,  # (B,) log π_ref(y_chosen | x), no grad
+    ref_rejected_logps: Tensor,  # (B,)
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: DPOLossType = "sigmoid",
+    label_prob: Tensor | None = None,  # (B,) P(chosen ≻ rejected), a soft label in [0, 1]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct preference optimisation losses and implicit rewards, per example.
+
+    h = (log π_θ(y_c) − log π_ref(y_c)) − (log π_θ(y_r) − log π_ref(y_r)), the implicit reward margin over β.
+    - "sigmoid" (Rafailov et al. 2023, eq. 7): −log σ(β·h). With a target probability p of "chosen wins" it is the
+      cross-entropy −p·log σ(β·h) − (1 − p)·log σ(−β·h); conservative DPO (label smoothing ε, Mitchell 2023) is
+      p = 1 − ε, and a soft label p combines with ε as p·(1 − ε) + (1 − p)·ε.
+    - "ipo" (Azar et al. 2023, eq. 17): (h − (p − ½)/β)², i.e. (h − 1/(2β))² for a hard label.
+
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards β·(log π_θ − log π_ref) are detached.
+    """
+    if loss_type not in ("sigmoid", "ipo"):
+        raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios  # (B,)
+    p = torch.ones_like(h) if label_prob is None else label_prob.to(h.dtype)
+    p = p * (1 - label_smoothing) + (1 - p) * label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
+    else:
+        losses = (h - (p - 0.5) / beta) ** 2
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

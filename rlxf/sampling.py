@@ -5,9 +5,12 @@ Shapes: B prompts in a batch, L prompt length (left-padded), N new tokens.
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
-from typing import Any
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -101,3 +104,98 @@ def decode_samples(tokenizer: Any, samples: list[list[Sample]]) -> list[list[str
         [tokenizer.decode(strip_eos(s.response_ids, tokenizer.eos_token_id), skip_special_tokens=True) for s in group]
         for group in samples
     ]
+
+
+@dataclass
+class SampleConfig:
+    model: str = ""
+    """save_pretrained directory of the policy to sample from. Required."""
+    prompts_file: str = ""
+    """Prompts: JSONL / Parquet / datasets dir with a `prompt` column (other columns are copied). Required."""
+    out: str = "runs/samples.jsonl"
+    """JSONL file to write: the prompt row's columns + `response`, `sample_index`, `finished`."""
+    n: int = 1
+    """Samples per prompt."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """Decoding settings."""
+    max_prompt_length: int = 192
+    """Longest prompt in tokens; longer prompts keep their end."""
+    seed: int = 0
+    """Seed of the sampling."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
+
+
+def load_policy(path: str) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a save_pretrained directory, on the GPU when there is one."""
+    from transformers import AutoModelForCausalLM
+
+    from rlxf.trainers.common import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def sample_responses(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    n: int,
+    settings: GenerationSettings,
+    seed: int,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Sample `n` responses per encoded prompt row; returns one output row per sample: the prompt's columns,
+    `response` (text without EOS), `sample_index`, `finished`, and `_response_ids` (the sampled ids, EOS included)."""
+    samples = generate(
+        model,
+        [r["prompt_ids"] for r in rows],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        n=n,
+        settings=settings,
+        seed=seed,
+        progress=progress,
+    )
+    texts = decode_samples(tokenizer, samples)
+    out = []
+    for row, group, group_texts in zip(rows, samples, texts):
+        meta = {k: v for k, v in row.items() if not k.startswith("_") and k != "prompt_ids"}
+        for j, (s, text) in enumerate(zip(group, group_texts)):
+            out.append(
+                {**meta, "response": text, "sample_index": j, "finished": s.finished, "_response_ids": s.response_ids}
+            )
+    return out
+
+
+def run_sample(cfg: SampleConfig) -> Path:
+    from rlxf.data import load_prompts
+    from rlxf.tokenization import encode_prompts
+
+    model, tokenizer = load_policy(cfg.model)
+    out = Path(cfg.out)
+    rows = encode_prompts(
+        load_prompts(cfg.prompts_file, on_bad_row=cfg.on_bad_row, rejected_path=out.with_suffix(".rejected.jsonl")),
+        tokenizer,
+        max_prompt_length=cfg.max_prompt_length,
+        on_bad_row=cfg.on_bad_row,
+    )
+    results = sample_responses(model, tokenizer, rows, cfg.n, cfg.generation, cfg.seed)
+    write_jsonl(out, results)
+    unfinished = sum(not r["finished"] for r in results)
+    if unfinished:
+        logger.info("%d of %d samples hit max_new_tokens without EOS", unfinished, len(results))
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows (without their private `_` keys) atomically: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

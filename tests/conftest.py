@@ -34,3 +34,40 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(out)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def factworld_dir(tmp_path_factory):
+    """A small FactWorld (a few hundred rows) written to disk."""
+    from rlxf.worlds.factworld import FactWorldConfig, write_factworld
+
+    out = tmp_path_factory.mktemp("factworld")
+    cfg = FactWorldConfig(seed=0, num_train_prompts=40, num_test_prompts=30, pairs_per_prompt=2, num_sft_retain=60)
+    write_factworld(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def factworld_model_dir(tmp_path_factory, factworld_dir):
+    """An untrained tiny Llama whose tokenizer was trained on the small FactWorld's corpus."""
+    from rlxf.models.tiny import make_tiny_model
+
+    out = tmp_path_factory.mktemp("factworld-model")
+    cfg = TinyModelConfig(
+        corpus=str(factworld_dir / "corpus.txt"), out=str(out), vocab_size=256, hidden_size=32, intermediate_size=64
+    )
+    return make_tiny_model(cfg)
+
+
+@pytest.fixture(scope="session")
+def factworld_sft_dir(tmp_path_factory, factworld_model_dir, factworld_dir):
+    """The tiny FactWorld model after a short SFT: it knows the answer format (a realistic RM / DPO start)."""
+    from rlxf.engine import TrainConfig
+    from rlxf.trainers.sft import SFTConfig, train_sft
+
+    out = tmp_path_factory.mktemp("factworld-sft")
+    train = TrainConfig(max_steps=60, batch_size=16, per_device_batch_size=16, lr=3e-3, warmup_steps=5,
+                        progress=False, report_to="none")  # fmt: skip
+    train_sft(SFTConfig(model=str(factworld_model_dir), train_file=str(factworld_dir / "sft_train.jsonl"),
+                        out=str(out), train=train))  # fmt: skip
+    return out / "final"

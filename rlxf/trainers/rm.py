@@ -45,6 +45,21 @@ class RewardModelConfig:
     """Train on the row's soft label `label_prob` (when present) instead of a hard 1."""
     center_rewards_coef: float = 0.0
     """Weight of the (r_chosen + r_rejected)² penalty that keeps rewards centred on 0; 0 disables it."""
+    loss: Literal["bradley_terry", "ranking", "plackett_luce", "pairwise_bt"] = "bradley_terry"
+    """'bradley_terry' trains on preference pairs. On ranking data (`responses` best → worst): 'ranking' sums a
+    utility U over all margins of rewards bounded in (0, 1) (reward-collapse paper), 'plackett_luce' is the
+    listwise likelihood, 'pairwise_bt' is unbounded Bradley–Terry over all pairs."""
+    utility: str = "log"
+    """U for loss=ranking: linear, log, inverse, power, neg_power, logsigmoid, or prompt_aware (per prompt:
+    `openness` if given, else closed → linear, open → inverse)."""
+    utility_gamma: float = 0.5
+    """γ of the power / neg_power utilities."""
+    utility_c: float = 4.0
+    """c of the logsigmoid utility log σ(c·x)."""
+    utility_eps: float = 0.1
+    """ε of the smoothed utilities (linear extension below 0)."""
+    ranking_reduction: Literal["prompt", "pairs"] = "prompt"
+    """Ranking losses: mean over each prompt's pairs then over prompts, or mean over all pairs of the batch."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
 
@@ -113,6 +128,10 @@ def evaluate_pairs(model: RewardModel, rows: list[dict[str, Any]], pad_id: int, 
 
 def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None) -> dict[str, Any]:
     """Train a reward model on preference pairs; returns the metric history and the final evaluation."""
+    if cfg.loss != "bradley_terry":
+        from rlxf.trainers.ranking_rm import train_ranking_reward_model
+
+        return train_ranking_reward_model(cfg, model)
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
         model = RewardModel.from_pretrained(cfg.model)
