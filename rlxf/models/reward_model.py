@@ -53,10 +53,16 @@ class RewardModel(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         self.hf.save_pretrained(path)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Reward head read at every position: (B, T) ids -> (B, T) values (float32)."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Reward head read at every position: (B, T) ids -> (B, T) values (float32).
+
+        `attention_mask` is (B, T), 1 on real tokens; or a (B, 1, T, T) boolean mask with explicit `position_ids`
+        for packed pairs (`rlxf.packing`).
+        """
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
         hidden = self.hf.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state  # (B, T, H)
         return self.hf.score(hidden).squeeze(-1).float()  # (B, T, 1) -> (B, T)
 

@@ -20,6 +20,7 @@ from rlxf.data import load_preferences
 from rlxf.engine import Engine, TrainConfig
 from rlxf.logprobs import sequence_logprobs, shift_for_next_token
 from rlxf.losses import dpo_loss
+from rlxf.packing import check_packing_supported, pack_pairs, packed_sequence_logprobs
 from rlxf.tokenization import encode_preferences, pad
 from rlxf.trainers.common import load_tokenizer
 
@@ -54,26 +55,30 @@ class DPOConfig:
     """Train on the row's soft label `label_prob` (when present) instead of a hard 1."""
     sft_weight: float = 0.0
     """Weight of an NLL term on the chosen response (mean over its tokens), as in RPO; 0 disables it."""
+    pack: bool = True
+    """Pack each micro-batch's pairs into rows without padding, each prompt computed once (same log-probs, fewer
+    token positions); needs the 'sdpa' or 'eager' attention implementation."""
     reference: Literal["cached", "live"] = "cached"
     """'cached' computes reference log-probs once before training; 'live' keeps a frozen copy and recomputes."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
 
 
-def collate_dpo(rows: list[dict[str, Any]], pad_id: int, use_label_prob: bool) -> dict[str, Any]:
-    """2B right-padded sequences (chosen rows first), their response masks, cached reference log-probs."""
-    seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
-    responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-    masks = [[0] * (len(s) - len(resp)) + [1] * len(resp) for s, resp in zip(seqs, responses)]
-    ids, attention_mask = pad(seqs, pad_id, side="right")
-    response_mask, _ = pad(masks, 0, side="right")
+def collate_dpo(rows: list[dict[str, Any]], pad_id: int, use_label_prob: bool, pack: bool = False) -> dict[str, Any]:
+    """2B right-padded sequences (chosen rows first) and their response masks, or the pairs packed (see
+    `rlxf.packing`); cached reference log-probs. `num_tokens` counts the tokens of the 2B sequences either way."""
     batch: dict[str, Any] = {
-        "input_ids": ids,
-        "attention_mask": attention_mask,
-        "response_mask": response_mask,
         "num_units": len(rows),
-        "num_tokens": int(attention_mask.sum()),
+        "num_tokens": sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
     }
+    if pack:
+        batch |= pack_pairs(rows, pad_id)
+    else:
+        seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
+        responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        masks = [[0] * (len(s) - len(resp)) + [1] * len(resp) for s, resp in zip(seqs, responses)]
+        batch["input_ids"], batch["attention_mask"] = pad(seqs, pad_id, side="right")
+        batch["response_mask"], _ = pad(masks, 0, side="right")
     if "ref_chosen_logp" in rows[0]:
         batch["ref_logps"] = torch.tensor(
             [r["ref_chosen_logp"] for r in rows] + [r["ref_rejected_logp"] for r in rows], dtype=torch.float32
@@ -85,6 +90,9 @@ def collate_dpo(rows: list[dict[str, Any]], pad_id: int, use_label_prob: bool) -
 
 def response_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the response tokens (2B,) and the response token counts (2B,)."""
+    if "target_index" in batch:  # packed pairs
+        kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        return packed_sequence_logprobs(model(**kwargs).logits, batch, 2 * batch["num_units"])  # (R, L, V) -> (2B,)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, L, V)
     logits, labels, mask = shift_for_next_token(logits, batch["input_ids"], batch["response_mask"])
     return sequence_logprobs(logits, labels, mask), mask.sum(-1)
@@ -92,13 +100,15 @@ def response_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch
 
 @torch.no_grad()
 def cache_reference_logps(
-    ref: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, batch_size: int, device, desc: str
+    ref: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, batch_size: int, device, desc: str, pack: bool
 ) -> None:
     """Store `ref_chosen_logp` / `ref_rejected_logp` in every row."""
     ref.eval()
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, dynamic_ncols=True, leave=False):
         chunk = rows[i : i + batch_size]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_dpo(chunk, pad_id, False).items()}
+        batch = {
+            k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_dpo(chunk, pad_id, False, pack).items()
+        }
         logps, _ = response_logps(ref, batch)
         chosen, rejected = logps.float().cpu().chunk(2)
         for row, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
@@ -180,6 +190,7 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
                 cfg.train.per_device_batch_size,
                 engine.device,
                 f"reference log-probs ({split})",
+                cfg.pack,
             )
         ref = None
     final_eval: dict[str, float] = {}
@@ -204,7 +215,10 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     if engine.step == 0:
         evaluate()
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
-    for micro_batches in engine.steps(rows, lambda b: collate_dpo(b, pad_id, cfg.use_label_prob), lengths):
+    if cfg.pack:
+        check_packing_supported(engine.unwrap())
+    collate = lambda b: collate_dpo(b, pad_id, cfg.use_label_prob, cfg.pack)
+    for micro_batches in engine.steps(rows, collate, lengths):
         engine.train_step(micro_batches, lambda batch: dpo_batch_loss(policy, ref, batch, cfg))
         if engine.should_evaluate():
             evaluate()

@@ -17,6 +17,7 @@ from rlxf.data import load_preferences
 from rlxf.engine import Engine, TrainConfig
 from rlxf.losses import bradley_terry_losses, reward_centering_penalty
 from rlxf.models.reward_model import RewardModel, last_token_index
+from rlxf.packing import check_packing_supported, pack_pairs
 from rlxf.tokenization import encode_preferences, pad
 from rlxf.trainers.common import load_tokenizer
 
@@ -45,6 +46,9 @@ class RewardModelConfig:
     """Train on the row's soft label `label_prob` (when present) instead of a hard 1."""
     center_rewards_coef: float = 0.0
     """Weight of the (r_chosen + r_rejected)² penalty that keeps rewards centred on 0; 0 disables it."""
+    pack: bool = True
+    """Pack each micro-batch's pairs into rows without padding, each prompt computed once (same rewards, fewer
+    token positions); needs the 'sdpa' or 'eager' attention implementation."""
     loss: Literal["bradley_terry", "ranking", "plackett_luce", "pairwise_bt"] = "bradley_terry"
     """'bradley_terry' trains on preference pairs. On ranking data (`responses` best → worst): 'ranking' sums a
     utility U over all margins of rewards bounded in (0, 1) (reward-collapse paper), 'plackett_luce' is the
@@ -64,16 +68,20 @@ class RewardModelConfig:
     """Optimisation settings (engine)."""
 
 
-def collate_pairs(rows: list[dict[str, Any]], pad_id: int, use_margin: bool, use_label_prob: bool) -> dict[str, Any]:
-    """2B right-padded sequences, chosen rows first, plus per-pair margin and soft label."""
-    seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
-    ids, attention_mask = pad(seqs, pad_id, side="right")
+def collate_pairs(
+    rows: list[dict[str, Any]], pad_id: int, use_margin: bool, use_label_prob: bool, pack: bool = False
+) -> dict[str, Any]:
+    """2B right-padded sequences, chosen rows first (or the pairs packed, see `rlxf.packing`), plus per-pair margin
+    and soft label. `num_tokens` counts the tokens of the 2B sequences either way."""
     batch: dict[str, Any] = {
-        "input_ids": ids,
-        "attention_mask": attention_mask,
         "num_units": len(rows),
-        "num_tokens": int(attention_mask.sum()),
+        "num_tokens": sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
     }
+    if pack:
+        batch |= pack_pairs(rows, pad_id)
+    else:
+        seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
+        batch["input_ids"], batch["attention_mask"] = pad(seqs, pad_id, side="right")
     if use_margin and any(r.get("margin") is not None for r in rows):
         batch["margin"] = torch.tensor([float(r.get("margin") or 0.0) for r in rows])
     if use_label_prob and any(r.get("label_prob") is not None for r in rows):
@@ -84,6 +92,9 @@ def collate_pairs(rows: list[dict[str, Any]], pad_id: int, use_margin: bool, use
 
 def pair_rewards(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and rejected sequences: (B,), (B,)."""
+    if "last_index" in batch:  # packed pairs
+        values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (R, L)
+        return values.flatten()[batch["last_index"]].chunk(2)  # (R*L,) -> (2B,)
     values = model(batch["input_ids"], batch["attention_mask"])  # (2B, L)
     rewards = values.gather(-1, last_token_index(batch["attention_mask"])[:, None]).squeeze(-1)  # (2B,)
     return rewards.chunk(2)
@@ -167,7 +178,9 @@ def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None)
     if engine.step == 0:
         evaluate()
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
-    collate = lambda b: collate_pairs(b, pad_id, cfg.use_margin, cfg.use_label_prob)
+    if cfg.pack:
+        check_packing_supported(engine.unwrap())
+    collate = lambda b: collate_pairs(b, pad_id, cfg.use_margin, cfg.use_label_prob, cfg.pack)
     for micro_batches in engine.steps(rows, collate, lengths):
         engine.train_step(micro_batches, lambda batch: pair_loss_and_metrics(rm, batch, cfg.center_rewards_coef))
         if engine.should_evaluate():

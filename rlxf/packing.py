@@ -1,0 +1,125 @@
+"""Pack preference pairs into rows without padding, computing each pair's prompt once.
+
+A pair (prompt, chosen, rejected) becomes one segment `prompt + chosen + rejected`. In the segment's attention mask
+the rejected tokens see the prompt and themselves but never the chosen tokens, and their position ids continue from
+the end of the prompt, so every token has the context and position it has in the padded two-sequence layout: the
+hidden states are the same up to float rounding. Segments are placed into rows first-fit decreasing, a row holding
+at most `capacity` tokens; a segment longer than that gets a row of its own.
+
+Compared with 2B right-padded rows this computes the prompt once instead of twice and no padding; on FactWorld
+(prompt ≈ 15, responses ≈ 12 tokens, batch 16) that is ≈ 39 token positions per pair instead of ≈ 90.
+
+Shapes: B pairs, R packed rows, L row length, N response tokens of all 2B sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `sizes` grouped into bins of total size <= capacity (an oversized item gets its own bin).
+
+    Items are placed longest first (ties by index), each into the first bin it fits, so the result is deterministic.
+    """
+    bins: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        for k in range(len(bins)):
+            if fill[k] + sizes[i] <= capacity:
+                bins[k].append(i)
+                fill[k] += sizes[i]
+                break
+        else:
+            bins.append([i])
+            fill.append(sizes[i])
+    return bins
+
+
+def pack_pairs(rows: Sequence[dict[str, Any]], pad_id: int, capacity: int = 0) -> dict[str, Tensor]:
+    """Pack B encoded pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`) into R rows; `capacity` 0 = longest segment.
+
+    Returns
+      input_ids, position_ids  (R, L) int64;
+      attention_mask           (R, 1, L, L) bool, True where a query may attend a key (causal, same segment, and
+                               never rejected -> chosen); padding at a row's end attends causally to padding only,
+                               so no query row is empty;
+      last_index               (2B,) flat index into R*L of the last token of each sequence, chosen rows first;
+      target_index             (N,) flat index of the position that predicts each response token;
+      target_ids               (N,) that response token;
+      target_seq               (N,) which of the 2B sequences it belongs to (chosen rows first).
+    """
+    b = len(rows)
+    seg_len = [len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
+    bins = first_fit_decreasing(seg_len, max(capacity, max(seg_len, default=1)))
+    length = max(sum(seg_len[i] for i in members) for members in bins)
+    ids, pos, seg, part = [], [], [], []  # flat over R*L; part: 0 prompt / padding, 1 chosen, 2 rejected
+    last = [0] * (2 * b)
+    target_index, target_ids, target_seq = [], [], []
+    for k, members in enumerate(bins):
+        offset = k * length
+        for i in members:
+            p, c, r = rows[i]["prompt_ids"], rows[i]["chosen_ids"], rows[i]["rejected_ids"]
+            start_c, start_r = offset + len(p), offset + len(p) + len(c)
+            ids += [*p, *c, *r]
+            pos += [*range(len(p) + len(c)), *range(len(p), len(p) + len(r))]
+            seg += [i] * seg_len[i]
+            part += [0] * len(p) + [1] * len(c) + [2] * len(r)
+            last[i], last[b + i] = start_r - 1, start_r + len(r) - 1
+            # Token j of a response is predicted by the position before it in its own sequence: the prompt's last
+            # token for j = 0 (for the rejected response too, which sits after the chosen one in the row).
+            target_index += [start_c - 1 + j for j in range(len(c))]
+            target_index += [start_c - 1, *(start_r - 1 + j for j in range(1, len(r)))]
+            target_ids += [*c, *r]
+            target_seq += [i] * len(c) + [b + i] * len(r)
+            offset += seg_len[i]
+        tail = (k + 1) * length - offset
+        ids += [pad_id] * tail
+        pos += [0] * tail
+        seg += [-1] * tail
+        part += [0] * tail
+    n_rows = len(bins)
+    seg_t = torch.tensor(seg).view(n_rows, length)
+    part_t = torch.tensor(part).view(n_rows, length)
+    same_segment = seg_t[:, :, None] == seg_t[:, None, :]  # (R, L, L)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L)
+    rejected_to_chosen = (part_t[:, :, None] == 2) & (part_t[:, None, :] == 1)  # (R, L, L)
+    return {
+        "input_ids": torch.tensor(ids).view(n_rows, length),
+        "position_ids": torch.tensor(pos).view(n_rows, length),
+        "attention_mask": (same_segment & causal & ~rejected_to_chosen)[:, None],  # (R, 1, L, L)
+        "last_index": torch.tensor(last),
+        "target_index": torch.tensor(target_index, dtype=torch.long),
+        "target_ids": torch.tensor(target_ids, dtype=torch.long),
+        "target_seq": torch.tensor(target_seq, dtype=torch.long),
+    }
+
+
+def packed_sequence_logprobs(logits: Tensor, batch: dict[str, Tensor], num_sequences: int) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of each sequence's response tokens and their counts: (R, L, V) logits -> (2B,), (2B,).
+
+    Only the N predicting positions are normalised: `logit[target] - logsumexp(logits)` on an (N, V) float32 copy.
+    """
+    picked = logits.flatten(0, 1)[batch["target_index"]].float()  # (R*L, V) -> (N, V)
+    logps = picked.gather(-1, batch["target_ids"][:, None]).squeeze(-1) - picked.logsumexp(-1)  # (N,)
+    sums = logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], logps)  # (2B,)
+    counts = logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], torch.ones_like(logps))  # (2B,)
+    return sums, counts
+
+
+PACKING_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take the (R, 1, L, L) boolean mask of packed pairs as it is."""
+
+
+def check_packing_supported(model: torch.nn.Module) -> None:
+    """Raise if `model` cannot run packed pairs: its attention must accept a 4-D boolean mask."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in PACKING_ATTENTION:
+        raise ValueError(
+            f"packed pairs need attention_implementation in {PACKING_ATTENTION}, the model uses {impl!r}; "
+            "pass --pack false or load the model with attn_implementation='sdpa'"
+        )
