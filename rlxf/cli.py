@@ -40,6 +40,28 @@ def _world_factworld() -> Command:
     return Command(FactWorldCommand, run)
 
 
+def _world_lengthworld() -> Command:
+    from rlxf.worlds.lengthworld import LengthWorldConfig, write_lengthworld
+
+    return Command(LengthWorldConfig, lambda cfg: print(write_lengthworld(cfg)))
+
+
+def _collapse_predict() -> Command:
+    from rlxf.collapse.commands import PredictConfig, run_predict
+
+    return Command(
+        PredictConfig, lambda cfg: print(json.dumps(run_predict(cfg), indent=2, default=str, ensure_ascii=False))
+    )
+
+
+def _collapse_diagnose() -> Command:
+    from rlxf.collapse.commands import DiagnoseConfig, run_diagnose
+
+    return Command(
+        DiagnoseConfig, lambda cfg: print(json.dumps(run_diagnose(cfg), indent=2, default=str, ensure_ascii=False))
+    )
+
+
 def _tiny_model() -> Command:
     from rlxf.models.tiny import TinyModelConfig, make_tiny_model
 
@@ -110,6 +132,10 @@ def _print_summary(result: dict[str, Any]) -> None:
 # Imports happen when a command is chosen, so `rlxf --help` stays fast.
 COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
     "world factworld": ("Write FactWorld: knowledge base, SFT data, prompts, preference pairs.", _world_factworld),
+    "world lengthworld": (
+        "Write LengthWorld: rankings of word-prefix completions, open and closed prompts.",
+        _world_lengthworld,
+    ),
     "tiny-model": ("Train a BPE tokenizer on a corpus and build a small Llama (save_pretrained dir).", _tiny_model),
     "sft": ("Supervised fine-tuning on completion tokens.", _sft),
     "rm": ("Train a reward model on preference pairs (Bradley-Terry, margins, soft labels).", _rm),
@@ -117,6 +143,14 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
     "sample": ("Sample n responses per prompt from a policy (batched, KV cache); writes JSONL.", _sample),
     "pairs": ("Sample k responses per prompt and label every pair with a judge; writes preference JSONL.", _pairs),
     "eval": ("Gold win rate, hallucination, retain accuracy, length, KL (and RM accuracy) for policies.", _eval),
+    "collapse predict": (
+        "Predicted reward profile (optimum of the ranking objective) for a utility; prints and plots.",
+        _collapse_predict,
+    ),
+    "collapse diagnose": (
+        "Reward profiles of a ranking reward model per prompt type vs the prediction; JSON + PNG.",
+        _collapse_diagnose,
+    ),
     "demo": ("The whole pipeline on FactWorld with a tiny model; writes runs/<name>/report.md.", _demo),
 }
 

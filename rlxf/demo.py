@@ -45,7 +45,7 @@ class DemoConfig:
     """Width of the tiny Llama."""
     layers: int = 2
     """Transformer blocks of the tiny Llama."""
-    sft_epochs: float = 3.0
+    sft_epochs: float = 8.0
     """Passes over the SFT data."""
     sft_lr: float = 3e-3
     """SFT learning rate."""
