@@ -53,13 +53,15 @@ class DemoConfig:
     """Responses sampled per training prompt from the SFT policy; every distinct pair is labelled."""
     label_temperature: float = 0.5
     """Simulated human's temperature T (label noise)."""
-    rm_epochs: float = 1.0
+    rm_epochs: float = 2.0
     """Passes of the reward model over the sampled pairs."""
+    rm_lr: float = 1e-3
+    """Reward-model learning rate."""
     dpo_epochs: float = 2.0
     """Passes of DPO over the sampled pairs."""
     dpo_beta: float = 0.1
     """DPO β."""
-    dpo_lr: float = 1e-3
+    dpo_lr: float = 1e-4
     """DPO learning rate."""
     eval_samples_per_prompt: int = 2
     """Responses per held-out prompt and policy in the evaluation."""
@@ -154,7 +156,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             train_file=str(pairs),
             eval_file=str(world / "preferences_test.jsonl"),
             out=str(root / "rm"),
-            train=train(cfg.rm_epochs, 3e-4, eval_every=50),
+            train=train(cfg.rm_epochs, cfg.rm_lr, eval_every=50),
         )
     )
     done("reward model")

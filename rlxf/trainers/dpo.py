@@ -60,7 +60,7 @@ class DPOConfig:
     token positions); needs the 'sdpa' or 'eager' attention implementation."""
     reference: Literal["cached", "live"] = "cached"
     """'cached' computes reference log-probs once before training; 'live' keeps a frozen copy and recomputes."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, batch_size=32, epochs=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
 
 
