@@ -222,10 +222,17 @@ def plot_demo(root: Path) -> dict[str, str]:
 
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
-    for name in ("sft", "dpo"):
-        path = root / "eval" / f"responses_{name}.jsonl"
-        gold = [json.loads(line)["gold"] for line in path.read_text().splitlines()]
-        ax.hist(gold, bins=24, range=(-3, 1), alpha=0.55, label=f"{name} (mean {sum(gold) / len(gold):.2f})")
+    gold = {
+        name: [
+            json.loads(line)["gold"] for line in (root / "eval" / f"responses_{name}.jsonl").read_text().splitlines()
+        ]
+        for name in ("sft", "dpo")
+    }
+    lowest = min(min(g) for g in gold.values())
+    for name, scores in gold.items():
+        ax.hist(
+            scores, bins=24, range=(lowest, 1.0), alpha=0.55, label=f"{name} (mean {sum(scores) / len(scores):.2f})"
+        )
     ax.set_xlabel("gold score of a held-out response")
     ax.set_ylabel("responses")
     ax.legend()
