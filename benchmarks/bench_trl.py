@@ -12,7 +12,7 @@ How the two sides are made equal (README.md explains each choice):
   * tokens: rlxf encodes prompt and response separately, TRL tokenizes prompt + response as one text; the TRL child
     checks that every sequence comes out with identical ids, and the run stops if one does not;
   * nothing is truncated or filtered on either side (max_length is above the longest row; checked);
-  * optimiser: torch AdamW (TRL `optim="adamw_torch"`, not its fused default), constant LR, no warm-up, no weight
+  * optimiser: fused torch AdamW on both (TRL `optim="adamw_torch_fused"`), constant LR, no warm-up, no weight
     decay, clip norm 1.0, fp32, no gradient checkpointing (TRL turns it on by default), no eval, no checkpoints,
     no progress bar, no TensorBoard/W&B, metrics logged every step in both (the step-0 loss is the first).
 
@@ -235,7 +235,7 @@ def _trl_common_args(spec: Spec) -> dict[str, Any]:
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch",  # rlxf's optimiser: torch.optim.AdamW, not fused (TRL's default on torch >= 2.8)
+        optim="adamw_torch_fused",  # rlxf's optimiser: torch.optim.AdamW(fused=True)
         bf16=False,  # TRL's configs default to bf16; the benchmark is fp32 on both sides
         fp16=False,
         use_cpu=spec.device == "cpu",
