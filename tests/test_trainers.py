@@ -66,7 +66,8 @@ def test_reward_model_learns_gold_preferences(factworld_sft_dir, gold_world, tmp
     assert all(map(math.isfinite, losses)) and sum(losses[-10:]) < sum(losses[:10])
     accuracy = result["eval"]["eval/pairwise_accuracy"]
     print(f"held-out gold pairwise accuracy: {accuracy:.3f} on {len(decided)} pairs")
-    assert accuracy > 0.65, accuracy
+    # Chance is 0.5 with a standard error of 0.018 on ~740 pairs; measured 0.654 (1 torch thread, x86_64).
+    assert accuracy > 0.6, accuracy
     assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())] == []
     reloaded = RewardModel.from_pretrained(tmp_path / "rm" / "final")
     torch.testing.assert_close(reloaded.hf.score.weight, model.hf.score.weight)
