@@ -22,9 +22,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     $PIP install "${TORCH_SPEC:-torch>=2.4}"
   else
     echo "[setup] no GPU: installing the CPU build of torch"
-    # The CPU index carries `torch==X+cpu`, which pip ranks above the CUDA `torch==X` of the main index.
-    # A machine that has the CPU wheel locally (find-links) uses it and only warns about an unreachable index.
-    $PIP install "${TORCH_SPEC:-torch==2.13.0}" ${TORCH_INDEX-"--extra-index-url=$CPU_TORCH_INDEX"}
+    # The CPU index carries `torch==X+cpu`, which pip ranks above the CUDA `torch==X` of the main index. Only torch
+    # itself comes from there (--no-deps); a machine that has the CPU wheel locally (find-links) uses it and only
+    # warns about an unreachable index. The second call installs torch's own dependencies from the usual index.
+    $PIP install --no-deps "${TORCH_SPEC:-torch==2.13.0}" ${TORCH_INDEX-"--extra-index-url=$CPU_TORCH_INDEX"}
+    $PIP install "${TORCH_SPEC:-torch==2.13.0}"
   fi
 fi
 echo "[setup] installing rlxf and its dependencies"
