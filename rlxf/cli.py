@@ -97,6 +97,12 @@ def _dpo() -> Command:
     return Command(DPOConfig, lambda cfg: _print_summary(train_dpo(cfg)))
 
 
+def _rloo() -> Command:
+    from rlxf.trainers.rloo import RLOOConfig, train_rloo
+
+    return Command(RLOOConfig, lambda cfg: _print_summary(train_rloo(cfg)))
+
+
 def _sample() -> Command:
     from rlxf.sampling import SampleConfig, run_sample
 
@@ -140,6 +146,7 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
     "sft": ("Supervised fine-tuning on completion tokens.", _sft),
     "rm": ("Train a reward model on preference pairs (Bradley-Terry, margins, soft labels).", _rm),
     "dpo": ("Direct preference optimisation (sigmoid / IPO / conservative / soft labels, cached reference).", _dpo),
+    "rloo": ("REINFORCE leave-one-out: k samples per prompt, any reward source, KL to a frozen reference.", _rloo),
     "sample": ("Sample n responses per prompt from a policy (batched, KV cache); writes JSONL.", _sample),
     "pairs": ("Sample k responses per prompt and label every pair with a judge; writes preference JSONL.", _pairs),
     "eval": ("Gold win rate, hallucination, retain accuracy, length, KL (and RM accuracy) for policies.", _eval),

@@ -1,0 +1,348 @@
+"""Reward sources: the one reward contract (design principle 3) as objects an RL trainer calls once per rollout.
+
+A reward source is called as
+
+    rewards, mask = source(prompt_rows, response_ids, texts, tokenizer)
+
+with B responses: `prompt_rows` the B prompt rows (dicts with `prompt` + metadata such as `gold`; a prompt sampled K
+times appears K times; `prompt_ids` is used when present), `response_ids` the B sampled id lists (EOS included when
+the response finished), `texts` the B decoded responses (EOS stripped, `skip_special_tokens=True`), `tokenizer` the
+policy's tokenizer. It returns `rewards` (B, T) float32 and `mask` (B, T) bool, True on the first
+len(response_ids[b]) columns: column t is response token t, T the longest response (right padding). Rewards are 0
+outside the mask. A scalar reward sits on the last response token (the EOS when the response finished).
+
+Sources:
+- `RewardModelSource(rm_dir)`: a trained reward model (`rlxf.models.reward_model.RewardModel`);
+- `FactWorldGoldSource(world_dir, level)`: FactWorld's gold scorer, per sequence or per fact span;
+- `CallableSource("module:function")`: a user's function;
+- `WeightedSum([(w, source), ...])`: Σ w_i · rewards_i.
+`build_reward_source("0.5*rm:DIR+factworld:DIR:token")` builds them from a config string.
+
+Shapes: B batch (responses), T tokens (the padded response axis).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from rlxf.rewards import (
+    combine_rewards,
+    list_to_token_rewards,
+    load_callable,
+    scalar_to_token_rewards,
+    spans_to_token_rewards,
+)
+from rlxf.tokenization import pad
+
+logger = logging.getLogger(__name__)
+
+RewardOutput = tuple[Tensor, Tensor]
+
+
+class RewardSource(Protocol):
+    """Anything callable with the reward contract's arguments; `world` is the FactWorld it knows, if any (the
+    trainer then logs the gold score too)."""
+
+    world: Any
+
+    def __call__(
+        self,
+        prompt_rows: Sequence[Mapping[str, Any]],
+        response_ids: Sequence[Sequence[int]],
+        texts: Sequence[str],
+        tokenizer: Any,
+    ) -> RewardOutput: ...
+
+
+def response_mask(response_ids: Sequence[Sequence[int]]) -> Tensor:
+    """(B, T) bool, True on the first len(response_ids[b]) columns of row b; T = the longest response."""
+    lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.long)  # (B,)
+    t = int(lengths.max()) if len(lengths) else 0
+    return torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
+
+
+def _check_batch(prompt_rows: Sequence[Any], response_ids: Sequence[Any], texts: Sequence[Any]) -> None:
+    if not (len(prompt_rows) == len(response_ids) == len(texts)):
+        raise ValueError(
+            f"a reward source needs one prompt row, id list and text per response; got {len(prompt_rows)} rows, "
+            f"{len(response_ids)} id lists and {len(texts)} texts"
+        )
+    empty = [b for b, r in enumerate(response_ids) if len(r) == 0]
+    if empty:
+        raise ValueError(f"responses {empty} have no token, so their reward has no token to go on")
+
+
+def _scalar_rewards(scores: Sequence[float] | Tensor, response_ids: Sequence[Sequence[int]]) -> RewardOutput:
+    """B scores -> the contract: each score on its response's last token."""
+    return scalar_to_token_rewards(torch.as_tensor(scores, dtype=torch.float32), response_mask(response_ids))
+
+
+def token_char_offsets(response_ids: Sequence[int], text: str, tokenizer: Any) -> list[tuple[int, int]]:
+    """Character offsets in `text` of each response token, found by decoding growing prefixes of the ids.
+
+    Re-encoding the text with `return_offsets_mapping` is not used: a sampled id sequence need not be the tokenizer's
+    own segmentation of its text (the policy may spell "red" as "r"+"ed"), so the re-encoded tokens would not be the
+    response tokens. Here token i covers [len(decode(ids[:i])), len(decode(ids[:i+1]))), with decode the one that made
+    `text` (`skip_special_tokens=True`), so EOS and other special tokens get an empty span and never match a reward
+    span. A token that ends inside a multi-byte character (its prefix does not decode to a prefix of `text`) gets an
+    empty span; the token that completes the character covers it. O(n) decodes per response.
+
+    Raises ValueError if the ids do not decode to `text`.
+    """
+    full = tokenizer.decode(list(response_ids), skip_special_tokens=True)
+    if full != text:
+        raise ValueError(
+            f"response ids decode to {full!r}, not to the text {text!r}; pass the texts decoded from these ids "
+            "(skip_special_tokens=True)"
+        )
+    offsets, prev = [], 0
+    for i in range(len(response_ids)):
+        prefix = tokenizer.decode(list(response_ids[: i + 1]), skip_special_tokens=True)
+        end = len(prefix) if text.startswith(prefix) and len(prefix) >= prev else prev
+        offsets.append((prev, end))
+        prev = end
+    return offsets
+
+
+def _spans_rewards(
+    spans: Sequence[Sequence[tuple[int, int, float]]],
+    response_ids: Sequence[Sequence[int]],
+    texts: Sequence[str],
+    tokenizer: Any,
+) -> RewardOutput:
+    """Per-response character spans -> the contract, through `token_char_offsets` and `spans_to_token_rewards`."""
+    mask = response_mask(response_ids)
+    rows = [
+        spans_to_token_rewards([tuple(s) for s in row_spans], token_char_offsets(ids, text, tokenizer), len(ids))
+        for row_spans, ids, text in zip(spans, response_ids, texts)
+    ]
+    return list_to_token_rewards(rows, mask)
+
+
+class RewardModelSource:
+    """Scores prompt + response with a trained reward model (`rlxf rm` output).
+
+    The model reads the prompt's ids (`prompt_ids` of the row, else BOS + the encoded prompt text) followed by the
+    response ids exactly as sampled, so it must share the policy's tokenizer (checked on the first call).
+
+    per_token=False: the head at the last response token (the EOS when finished, as the RM was trained) is the reward,
+    on that token. per_token=True: the head is read at every response position and token t gets v_t − v_(t−1), with
+    v_(−1) the value at the prompt's last token. The increments telescope: they sum to the final reward minus the
+    value at the prompt's end, so the sequence total differs from per_token=False by a prompt-only term (which RLOO's
+    leave-one-out baseline cancels, since the K samples of a prompt share it).
+    """
+
+    world = None
+
+    def __init__(
+        self,
+        rm_dir: str | Path,
+        per_token: bool = False,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+    ):
+        from rlxf.models.reward_model import RewardModel
+        from rlxf.trainers.common import load_tokenizer
+
+        self.rm_dir = str(rm_dir)
+        self.per_token = per_token
+        self.batch_size = batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = RewardModel.from_pretrained(rm_dir).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.rm_tokenizer = load_tokenizer(rm_dir)
+        self._checked_tokenizer = False
+
+    def _prompt_ids(self, row: Mapping[str, Any], tokenizer: Any) -> list[int]:
+        if "prompt_ids" in row:
+            return list(row["prompt_ids"])
+        if not isinstance(row["prompt"], str):
+            raise ValueError("conversational prompt rows need `prompt_ids` (encode them with encode_prompts)")
+        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        bos = tokenizer.bos_token_id
+        return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+    @torch.no_grad()
+    def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
+        _check_batch(prompt_rows, response_ids, texts)
+        if not self._checked_tokenizer:
+            if self.rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise ValueError(
+                    f"the reward model {self.rm_dir} has another tokenizer than the policy; train the RM from the "
+                    "policy's tokenizer (e.g. from the SFT model)"
+                )
+            self._checked_tokenizer = True
+        mask = response_mask(response_ids)  # (B, T)
+        rewards = torch.zeros(mask.shape, dtype=torch.float32)
+        for start in range(0, len(response_ids), self.batch_size):
+            rows = range(start, min(start + self.batch_size, len(response_ids)))
+            prompts = [self._prompt_ids(prompt_rows[b], tokenizer) for b in rows]
+            seqs = [p + list(response_ids[b]) for p, b in zip(prompts, rows)]
+            ids, attn = pad(seqs, tokenizer.pad_token_id, side="right")  # (b, L)
+            values = self.model(ids.to(self.device), attn.to(self.device)).float().cpu()  # (b, L)
+            for i, (b, p) in enumerate(zip(rows, prompts)):
+                n = len(response_ids[b])
+                if self.per_token:
+                    v = values[i, len(p) - 1 : len(p) + n]  # (n + 1,) prompt end, then each response token
+                    rewards[b, :n] = v[1:] - v[:-1]
+                else:
+                    rewards[b, n - 1] = values[i, len(p) + n - 1]
+        return rewards, mask
+
+
+class FactWorldGoldSource:
+    """FactWorld's gold scorer as a reward (`world.score(prompt_row, text)`).
+
+    level="sequence": the gold score (raw / k) on the last response token. level="token": each judged piece's reward
+    (+1 right, −1 wrong, −penalty unrequested; `GoldScore.spans`, the character span of each fact's VALUE) on the
+    token where the span ends (`spans_to_token_rewards`), with character offsets from decoding the response ids token
+    by token (`token_char_offsets`, not re-encoding the text). The token level omits the score's missing-fact
+    penalties (they belong to no token) and the division by k, so its sequence total is `raw + penalty · n_missing`;
+    set `missing_on_last=True` to put −MISSING_PENALTY · n_missing on the last token so the total is `raw`.
+    """
+
+    def __init__(
+        self, world_dir: str | Path, level: Literal["sequence", "token"] = "sequence", missing_on_last: bool = False
+    ):
+        from rlxf.worlds.factworld import load_factworld
+
+        if level not in ("sequence", "token"):
+            raise ValueError(f"FactWorld reward level must be 'sequence' or 'token', got {level!r}")
+        self.world = load_factworld(world_dir)
+        self.level = level
+        self.missing_on_last = missing_on_last
+
+    def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
+        from rlxf.worlds.factworld import MISSING_PENALTY
+
+        _check_batch(prompt_rows, response_ids, texts)
+        golds = [self.world.score(row, text) for row, text in zip(prompt_rows, texts)]
+        if self.level == "sequence":
+            return _scalar_rewards([g.score for g in golds], response_ids)
+        rewards, mask = _spans_rewards([g.spans for g in golds], response_ids, texts, tokenizer)
+        if self.missing_on_last:
+            missing = torch.tensor([-MISSING_PENALTY * g.n_missing for g in golds], dtype=torch.float32)
+            rewards = rewards + scalar_to_token_rewards(missing, mask)[0]
+        return rewards, mask
+
+
+def _is_span(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 3
+
+
+class CallableSource:
+    """A user's reward function named "module:function", called as `fn(prompt_rows, texts)` once per rollout.
+
+    It returns one item per response, each either
+    - a number: the response's reward, on its last token;
+    - a list of numbers, one per response TOKEN (len(response_ids[b]), EOS included when finished);
+    - a list of (char_start, char_end, reward) spans of the text, end exclusive, each put on the token where its
+      span ends (offsets as in `token_char_offsets`). An empty list means no reward.
+    Items of one batch may mix these forms.
+    """
+
+    world = None
+
+    def __init__(self, spec: str | Callable[..., Sequence[Any]]):
+        self.fn = load_callable(spec) if isinstance(spec, str) else spec
+        self.name = spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec))
+
+    def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
+        _check_batch(prompt_rows, response_ids, texts)
+        items = list(self.fn(list(prompt_rows), list(texts)))
+        if len(items) != len(texts):
+            raise ValueError(f"reward function {self.name} returned {len(items)} items for {len(texts)} responses")
+        mask = response_mask(response_ids)
+        rows = []
+        for b, (item, ids, text) in enumerate(zip(items, response_ids, texts)):
+            if isinstance(item, (int, float)) or (torch.is_tensor(item) and item.dim() == 0):
+                row = torch.zeros(len(ids))
+                row[-1] = float(item)
+            elif isinstance(item, (list, tuple)) and all(_is_span(s) for s in item):
+                row = spans_to_token_rewards(
+                    [tuple(s) for s in item], token_char_offsets(ids, text, tokenizer), len(ids)
+                )
+            elif isinstance(item, (list, tuple)) or torch.is_tensor(item):
+                row = torch.as_tensor(item, dtype=torch.float32).flatten()
+                if len(row) != len(ids):
+                    raise ValueError(
+                        f"reward function {self.name}, response {b}: {len(row)} token rewards for {len(ids)} "
+                        "response tokens (EOS included when finished); return a number or spans instead"
+                    )
+            else:
+                raise TypeError(
+                    f"reward function {self.name}, response {b}: got {type(item).__name__}; return a number, a "
+                    "list of per-token numbers, or a list of (start, end, reward) spans"
+                )
+            rows.append(row)
+        return list_to_token_rewards(rows, mask)
+
+
+class WeightedSum:
+    """Σ_i w_i · rewards_i of several sources (`combine_rewards`); `world` is the first child's world, if any."""
+
+    def __init__(self, terms: Sequence[tuple[float, RewardSource]]):
+        if not terms:
+            raise ValueError("WeightedSum needs at least one (weight, source) pair")
+        self.terms = list(terms)
+        self.world = next((s.world for _, s in self.terms if getattr(s, "world", None) is not None), None)
+
+    def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
+        outputs = [(w, s(prompt_rows, response_ids, texts, tokenizer)) for w, s in self.terms]
+        mask = outputs[0][1][1]
+        return combine_rewards([(w, r) for w, (r, _) in outputs]), mask
+
+
+SPEC_HELP = (
+    "a reward spec is one or more terms joined by '+', each '[WEIGHT*]KIND:ARGS' with KIND one of: "
+    "'rm:DIR' or 'rm:DIR:token' (reward model, per-token increments), 'factworld:DIR' or 'factworld:DIR:token' "
+    "(gold score per sequence or per fact span), 'callable:module:function'. "
+    "Example: '0.5*rm:runs/rm/final+factworld:runs/factworld:token'"
+)
+
+
+def _build_term(term: str, device: str | torch.device | None) -> RewardSource:
+    kind, sep, rest = term.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"reward term {term!r} has no 'KIND:ARGS'; {SPEC_HELP}")
+    if kind in ("rm", "factworld"):
+        path, level = rest, None
+        head, _, last = rest.rpartition(":")
+        if head and last in ("token", "sequence"):
+            path, level = head, last
+        if kind == "rm":
+            return RewardModelSource(path, per_token=level == "token", device=device)
+        return FactWorldGoldSource(path, level=level or "sequence")
+    if kind == "callable":
+        return CallableSource(rest)
+    raise ValueError(f"unknown reward kind {kind!r} in {term!r}; choose one of ['callable', 'factworld', 'rm']")
+
+
+def build_reward_source(spec: str, device: str | torch.device | None = None) -> RewardSource:
+    """Parse a reward spec (see `SPEC_HELP`) into a source; one term without a weight gives that source itself,
+    anything else a `WeightedSum`. `device` is where reward models run (default: CUDA when available)."""
+    if not spec or not spec.strip():
+        raise ValueError(f"empty reward spec; {SPEC_HELP}")
+    terms: list[tuple[float, RewardSource]] = []
+    for raw in spec.split("+"):
+        term = raw.strip()
+        if not term:
+            raise ValueError(f"empty term in reward spec {spec!r} (a stray '+'); {SPEC_HELP}")
+        weight, star, body = term.partition("*")
+        if star:
+            try:
+                w = float(weight)
+            except ValueError:
+                raise ValueError(f"weight {weight!r} of reward term {term!r} is not a number; {SPEC_HELP}") from None
+            terms.append((w, _build_term(body.strip(), device)))
+        else:
+            terms.append((1.0, _build_term(term, device)))
+    if len(terms) == 1 and "*" not in spec:
+        return terms[0][1]
+    return WeightedSum(terms)

@@ -1,0 +1,243 @@
+"""REINFORCE leave-one-out (RLOO): online RL with K samples per prompt and no critic.
+
+Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in
+LLMs" (arXiv 2402.14740), eq. 5; Kool et al. 2019 ("Buy 4 REINFORCE samples, get a baseline for free!").
+
+One optimiser step:
+  1. take the step's prompts from the engine's data order (rows = prompts, `train.batch_size` prompts per step);
+  2. sample K responses per prompt with the current policy (KV cache, `rlxf.sampling.generate`), seeded by
+     (seed, step, micro-batch) so a resumed run samples what the uninterrupted one did;
+  3. rewards from the reward source (`rlxf.reward_sources`, the (B, T) reward contract); a response's score is the
+     SUM of its token rewards (a scalar reward is all on the last token, so this is the scalar itself);
+  4. per-token k1 KL to a frozen reference loaded from disk, KL_t = log π(y_t) − log π_ref(y_t), and the
+     KL-regularised score R = score − β Σ_t KL_t (the KL is part of the sequence reward, as in the paper and TRL's
+     RLOOTrainer; with sequence-level advantages a per-token placement would give the same R);
+  5. advantages A_i = R_i − mean of the other K − 1 scores of the prompt (`rloo_advantages`), one per sequence;
+  6. the policy gradient loss −A_i Σ_t log π_θ(y_t) over response tokens (EOS included), through the engine.
+One epoch per rollout, no ratio clipping: on-policy REINFORCE with the leave-one-out baseline.
+
+Shapes: P prompts, K samples per prompt, B = P·K responses, L prompt + response length, T response tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlxf.data import load_prompts
+from rlxf.engine import Engine, TrainConfig
+from rlxf.logprobs import shift_for_next_token, token_logprobs
+from rlxf.reward_sources import RewardSource, build_reward_source
+from rlxf.rl import entropy_from_logits, kl_penalty, masked_mean, rloo_advantages
+from rlxf.sampling import GenerationSettings, decode_samples, generate
+from rlxf.tokenization import encode_prompts, pad
+from rlxf.trainers.common import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RLOOConfig:
+    model: str = ""
+    """save_pretrained directory of the policy to start from (usually the SFT model). Required."""
+    ref_model: str = ""
+    """Reference model for the KL penalty; empty means the starting policy (`model`), loaded from disk."""
+    prompts_file: str = ""
+    """RL prompts: JSONL / Parquet / datasets dir with `prompt` + any metadata the reward needs. Required."""
+    reward: str = ""
+    """Reward spec, e.g. 'rm:runs/rm/final', 'factworld:runs/factworld:token', 'callable:my_mod:fn', or weighted
+    terms joined by '+': '0.5*rm:DIR+factworld:DIR'. Required."""
+    out: str = "runs/rloo"
+    """Output directory: metrics, checkpoints, and the final policy in `final/`."""
+    k: int = 4
+    """Responses sampled per prompt (at least 2: each one's baseline is the mean of the other K − 1)."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """Sampling settings of the rollouts (temperature 1 samples the policy itself)."""
+    max_prompt_length: int = 192
+    """Longest prompt in tokens; longer prompts keep their end."""
+    kl_coef: float = 0.05
+    """β: Σ_t β·(log π − log π_ref) is subtracted from each response's score (per-token k1 estimate)."""
+    loss_units: Literal["sequence", "token"] = "sequence"
+    """How −A·Σ_t log π is averaged: over the step's sequences (the REINFORCE estimator of the paper), or over its
+    response tokens (long responses weigh more per sequence, smaller gradients overall)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-5, batch_size=16, per_device_batch_size=4, max_steps=100)
+    )
+    """Optimisation settings (engine). Here batch_size counts PROMPTS per step (each sampled k times) and
+    per_device_batch_size prompts per forward pass (k responses each)."""
+
+    def __post_init__(self) -> None:
+        if self.k < 2:
+            raise ValueError(f"k={self.k}: RLOO needs at least 2 samples per prompt for its leave-one-out baseline")
+
+
+def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine's micro-batch of prompts: the rows themselves (rollouts are built from them)."""
+    return {"rows": rows, "num_units": len(rows)}
+
+
+def policy_token_logprobs(
+    model: torch.nn.Module, batch: dict[str, Any], with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log π(y_t) of the response tokens: (B, L-1) log-probs, the (B, L-1) response mask, and (B, L-1) entropies."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+    logits, labels, mask = shift_for_next_token(logits, batch["input_ids"], batch["response_mask"])
+    mask = mask.bool()
+    logps = token_logprobs(logits, labels.masked_fill(~mask, 0))  # (B, L-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach())  # (B, L-1, V) -> (B, L-1)
+    return logps, mask, entropy
+
+
+@torch.no_grad()
+def rollout(
+    policy: torch.nn.Module,
+    ref: torch.nn.Module,
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    source: RewardSource,
+    cfg: RLOOConfig,
+    seed: int,
+    device: torch.device,
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Steps 2-5 for P prompts: a training batch of B = P·K responses (right-padded prompt + response, advantages)
+    and per-response statistics for logging."""
+    # 2. sample K responses per prompt (samples of one prompt adjacent)
+    samples = generate(
+        policy,
+        [r["prompt_ids"] for r in rows],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        n=cfg.k,
+        settings=cfg.generation,
+        seed=seed,
+    )
+    texts = [t for group in decode_samples(tokenizer, samples) for t in group]  # (B,)
+    flat = [s for group in samples for s in group]
+    prompt_rows = [row for row in rows for _ in range(cfg.k)]  # (B,) each prompt K times
+    response_ids = [s.response_ids for s in flat]
+
+    # 3. rewards through the reward contract; the score of a response is the sum of its token rewards
+    rewards, _ = source(prompt_rows, response_ids, texts, tokenizer)  # (B, T)
+    scores = rewards.sum(-1).to(device)  # (B,)
+
+    # 4. per-token k1 KL to the reference, subtracted from the score
+    seqs = [r["prompt_ids"] + ids for r, ids in zip(prompt_rows, response_ids)]
+    masks = [[0] * len(r["prompt_ids"]) + [1] * len(ids) for r, ids in zip(prompt_rows, response_ids)]
+    input_ids, attention_mask = pad(seqs, tokenizer.pad_token_id, side="right")  # (B, L)
+    response_mask, _ = pad(masks, 0, side="right")  # (B, L)
+    batch = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "response_mask": response_mask.to(device),
+    }
+    was_training = policy.training
+    policy.eval()
+    logps, mask, _ = policy_token_logprobs(policy, batch)  # (B, L-1)
+    policy.train(was_training)
+    ref_logps, _, _ = policy_token_logprobs(ref, batch)  # (B, L-1)
+    kl = torch.where(mask, kl_penalty(logps, ref_logps, "k1"), 0).sum(-1)  # (B,) Σ_t KL_t
+    rlhf_scores = scores - cfg.kl_coef * kl  # (B,)
+
+    # 5. leave-one-out advantages within each prompt's K samples
+    advantages = rloo_advantages(rlhf_scores.view(-1, cfg.k)).flatten()  # (P, K) -> (B,)
+
+    num_tokens = int(attention_mask.sum())
+    batch |= {
+        "advantages": advantages,
+        "num_units": len(flat) if cfg.loss_units == "sequence" else int(mask.sum()),
+        "num_tokens": num_tokens,
+    }
+    stats = {
+        "score": scores.tolist(),
+        "kl": kl.tolist(),
+        "rlhf_reward": rlhf_scores.tolist(),
+        "length": [float(len(ids)) for ids in response_ids],
+        "finished": [float(s.finished) for s in flat],
+    }
+    world = getattr(source, "world", None)
+    if world is not None:
+        stats["gold"] = [world.score(row, text).score for row, text in zip(prompt_rows, texts)]
+    return batch, stats
+
+
+def rloo_loss(
+    policy: torch.nn.Module, batch: dict[str, Any], loss_units: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Step 6: the summed policy-gradient loss Σ_i −A_i Σ_t log π_θ(y_i,t) and summed metrics per unit."""
+    logps, mask, entropy = policy_token_logprobs(policy, batch, with_entropy=True)  # (B, L-1)
+    pg = torch.where(mask, -batch["advantages"][:, None] * logps, 0)  # (B, L-1)
+    # The engine divides every sum by the step's units: per sequence, entropy is each sequence's token mean and
+    # logps/response a sequence's summed log-prob; per token, both are token means.
+    if loss_units == "sequence":
+        entropy_sum = masked_mean(entropy, mask, dim=-1).sum()
+    else:
+        entropy_sum = torch.where(mask, entropy, 0).sum()
+    logp_sum = torch.where(mask, logps.detach(), 0).sum()
+    return pg.sum(), {"loss/policy": pg.detach().sum(), "objective/entropy": entropy_sum, "logps/response": logp_sum}
+
+
+def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Optimise `cfg.model` on `cfg.prompts_file` against `cfg.reward` with RLOO; returns the metric history."""
+    if not cfg.prompts_file or not cfg.reward:
+        raise ValueError("--prompts-file and --reward are required (see `rlxf rloo --help` for the reward spec)")
+    tokenizer = load_tokenizer(cfg.model)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    out = Path(cfg.out)
+    prompt_rows = load_prompts(
+        cfg.prompts_file, on_bad_row=cfg.on_bad_row, rejected_path=out / "rejected_prompts.jsonl"
+    )
+    rows = encode_prompts(prompt_rows, tokenizer, max_prompt_length=cfg.max_prompt_length, on_bad_row=cfg.on_bad_row)
+    engine = Engine(cfg.train, out, model, num_examples=len(rows), config_dict=asdict(cfg))
+    policy = engine.model
+    source = build_reward_source(cfg.reward, device=engine.device)
+
+    # Loaded from disk, not copied from the policy: on resume the policy has already moved.
+    ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model).to(engine.device).eval()
+    ref.requires_grad_(False)
+
+    for micro_batches in engine.steps(rows, collate_prompts):
+        # 1-5. rollouts of this step's prompts, one per micro-batch, seeded by (seed, step, micro-batch, process)
+        batches, stats = [], {}
+        for i, mb in enumerate(micro_batches):
+            seed = ((cfg.train.seed * 1_000_003 + engine.step) * 1_000 + i) * 100 + engine.rank
+            batch, mb_stats = rollout(engine.unwrap(), ref, mb["rows"], tokenizer, source, cfg, seed, engine.device)
+            batches.append(batch)
+            for key, values in mb_stats.items():
+                stats.setdefault(key, []).extend(values)
+        # 6. one policy-gradient update on the whole rollout
+        logged = engine.train_step(batches, lambda batch: rloo_loss(policy, batch, cfg.loss_units))
+        if logged:  # the engine logs every `log_every` steps; the rollout statistics go with it (this process's)
+            mean = {k: sum(v) / len(v) for k, v in stats.items()}
+            std = (sum((x - mean["score"]) ** 2 for x in stats["score"]) / len(stats["score"])) ** 0.5
+            rollout_metrics = {
+                "rewards/mean": mean["score"],
+                "rewards/std": std,
+                "objective/kl": mean["kl"],
+                "objective/rlhf_reward": mean["rlhf_reward"],
+                "response/length": mean["length"],
+                "response/finished": mean["finished"],
+            }
+            if "gold" in mean:
+                rollout_metrics["rewards/gold"] = mean["gold"]
+            engine.log(rollout_metrics)
+
+    if engine.finished:
+
+        def save(path: Path) -> None:
+            engine.unwrap().save_pretrained(path)
+            tokenizer.save_pretrained(path)
+
+        engine.save_pretrained(save)
+    engine.close()
+    return {"history": engine.history, "finished": engine.finished, "out": str(out)}
