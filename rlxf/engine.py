@@ -395,14 +395,18 @@ class Engine:
         self.step = state["step"]
         logger.info("resumed from %s at step %d", latest, self.step)
 
-    def save_pretrained(self, save: Callable[[Path], None], name: str = "final") -> Path | None:
-        """Run `save(tmp_dir)` on rank 0 and rename the result to out_dir/name atomically."""
+    def save_final(self, tokenizer: Any, name: str = "final") -> Path:
+        """The trained model and its tokenizer as one `save_pretrained` directory, out_dir/name.
+
+        Written by rank 0 under a temporary name and renamed, so a crash never leaves half a model behind.
+        """
         target = self.out_dir / name
         self.accelerator.wait_for_everyone()
         if self.is_main:
             tmp = self.out_dir / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
-            save(tmp)
+            self.unwrap().save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         self.accelerator.wait_for_everyone()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -20,3 +22,24 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_encoded(
+    load: Callable[..., list[dict[str, Any]]],
+    encode: Callable[..., list[dict[str, Any]]],
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    split: str,
+    on_bad_row: str,
+    **lengths: int,
+) -> list[dict[str, Any]]:
+    """Read a data file with `load` (e.g. `load_sft`) and tokenize it with `encode` (e.g. `encode_sft`).
+
+    In skip mode the rows rejected by either step go to `rejected_<split>.jsonl` and `rejected_tokenized_<split>.jsonl`
+    in the run directory `out`, so nothing disappears silently.
+    """
+    rows = load(path, on_bad_row=on_bad_row, rejected_path=out / f"rejected_{split}.jsonl")
+    return encode(
+        rows, tokenizer, on_bad_row=on_bad_row, rejected_path=out / f"rejected_tokenized_{split}.jsonl", **lengths
+    )

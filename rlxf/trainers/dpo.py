@@ -22,7 +22,7 @@ from rlxf.logprobs import sequence_logprobs, shift_for_next_token
 from rlxf.losses import dpo_loss
 from rlxf.packing import check_packing_supported, pack_pairs, packed_sequence_logprobs
 from rlxf.tokenization import encode_preferences, pad
-from rlxf.trainers.common import load_tokenizer
+from rlxf.trainers.common import load_encoded, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +162,9 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     out = Path(cfg.out)
 
     def encoded(path: str, split: str) -> list[dict[str, Any]]:
-        rows = load_preferences(path, on_bad_row=cfg.on_bad_row, rejected_path=out / f"rejected_{split}.jsonl")
-        return encode_preferences(
-            rows,
-            tokenizer,
-            max_length=cfg.max_length,
-            max_prompt_length=cfg.max_prompt_length,
-            on_bad_row=cfg.on_bad_row,
-            rejected_path=out / "rejected_tokenized.jsonl",
+        lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
+        return load_encoded(
+            load_preferences, encode_preferences, path, tokenizer, out, split, cfg.on_bad_row, **lengths
         )
 
     rows = encoded(cfg.train_file, "train")
@@ -224,11 +219,6 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
             evaluate()
 
     if engine.finished:
-
-        def save(path: Path) -> None:
-            engine.unwrap().save_pretrained(path)
-            tokenizer.save_pretrained(path)
-
-        engine.save_pretrained(save)
+        engine.save_final(tokenizer)
     engine.close()
     return {"history": engine.history, "eval": final_eval, "finished": engine.finished, "out": str(out)}

@@ -426,11 +426,6 @@ def train_ranking_reward_model(cfg: RewardModelConfig, model: RewardModel | None
             evaluate()
 
     if engine.finished:
-
-        def save(path: Path) -> None:
-            engine.unwrap().save_pretrained(path)
-            tokenizer.save_pretrained(path)
-
-        engine.save_pretrained(save)
+        engine.save_final(tokenizer)
     engine.close()
     return {"history": engine.history, "eval": final_eval, "finished": engine.finished, "out": str(out)}

@@ -233,11 +233,6 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
             engine.log(rollout_metrics)
 
     if engine.finished:
-
-        def save(path: Path) -> None:
-            engine.unwrap().save_pretrained(path)
-            tokenizer.save_pretrained(path)
-
-        engine.save_pretrained(save)
+        engine.save_final(tokenizer)
     engine.close()
     return {"history": engine.history, "finished": engine.finished, "out": str(out)}

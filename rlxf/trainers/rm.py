@@ -19,7 +19,7 @@ from rlxf.losses import bradley_terry_losses, reward_centering_penalty
 from rlxf.models.reward_model import RewardModel, last_token_index
 from rlxf.packing import check_packing_supported, pack_pairs
 from rlxf.tokenization import encode_preferences, pad
-from rlxf.trainers.common import load_tokenizer
+from rlxf.trainers.common import load_encoded, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +150,9 @@ def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None)
     out = Path(cfg.out)
 
     def encoded(path: str, split: str) -> list[dict[str, Any]]:
-        rows = load_preferences(path, on_bad_row=cfg.on_bad_row, rejected_path=out / f"rejected_{split}.jsonl")
-        return encode_preferences(
-            rows,
-            tokenizer,
-            max_length=cfg.max_length,
-            max_prompt_length=cfg.max_prompt_length,
-            on_bad_row=cfg.on_bad_row,
-            rejected_path=out / "rejected_tokenized.jsonl",
+        lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
+        return load_encoded(
+            load_preferences, encode_preferences, path, tokenizer, out, split, cfg.on_bad_row, **lengths
         )
 
     rows = encoded(cfg.train_file, "train")
@@ -187,11 +182,6 @@ def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None)
             evaluate()
 
     if engine.finished:
-
-        def save(path: Path) -> None:
-            engine.unwrap().save_pretrained(path)
-            tokenizer.save_pretrained(path)
-
-        engine.save_pretrained(save)
+        engine.save_final(tokenizer)
     engine.close()
     return {"history": engine.history, "eval": final_eval, "finished": engine.finished, "out": str(out)}

@@ -17,7 +17,7 @@ from rlxf.data import load_sft
 from rlxf.engine import Engine, TrainConfig
 from rlxf.logprobs import shift_for_next_token, token_logprobs
 from rlxf.tokenization import encode_sft, pad
-from rlxf.trainers.common import load_tokenizer
+from rlxf.trainers.common import load_encoded, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -86,22 +86,12 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module | None = None) -> dict[str,
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(cfg.model)
     out = Path(cfg.out)
-    rows = encode_sft(
-        load_sft(cfg.train_file, on_bad_row=cfg.on_bad_row, rejected_path=out / "rejected_train.jsonl"),
-        tokenizer,
-        max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length,
-        on_bad_row=cfg.on_bad_row,
-    )
+    lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
+    rows = load_encoded(load_sft, encode_sft, cfg.train_file, tokenizer, out, "train", cfg.on_bad_row, **lengths)
     eval_rows = []
     if cfg.eval_file:
-        eval_rows = encode_sft(
-            load_sft(cfg.eval_file, on_bad_row=cfg.on_bad_row, rejected_path=out / "rejected_eval.jsonl"),
-            tokenizer,
-            max_length=cfg.max_length,
-            max_prompt_length=cfg.max_prompt_length,
-            on_bad_row=cfg.on_bad_row,
-            rejected_path=out / "rejected_tokenized.jsonl",
+        eval_rows = load_encoded(
+            load_sft, encode_sft, cfg.eval_file, tokenizer, out, "eval", cfg.on_bad_row, **lengths
         )
     pad_id = tokenizer.pad_token_id
     engine = Engine(cfg.train, out, model, num_examples=len(rows), config_dict=asdict(cfg))
@@ -125,11 +115,6 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module | None = None) -> dict[str,
             evaluate()
 
     if engine.finished:
-
-        def save(path: Path) -> None:
-            engine.unwrap().save_pretrained(path)
-            tokenizer.save_pretrained(path)
-
-        engine.save_pretrained(save)
+        engine.save_final(tokenizer)
     engine.close()
     return {"history": engine.history, "finished": engine.finished, "out": str(out)}
