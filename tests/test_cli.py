@@ -80,6 +80,16 @@ def test_sft_rm_dpo_sample_pairs_eval(cli_world):
     assert 0.0 <= summary["reward_model_pairwise_accuracy"] <= 1.0
 
 
+def test_rloo_with_the_token_level_gold_reward(cli_world):
+    world = cli_world / "world"
+    rlxf("rloo", "--model", str(cli_world / "tiny"), "--prompts_file", str(world / "prompts_train.jsonl"),
+         "--reward", f"factworld:{world}:token", "--k", "2", "--generation.max_new_tokens", "8",
+         "--out", str(cli_world / "rloo"), "--train.max_steps", "2", "--train.batch_size", "4",
+         "--train.per_device_batch_size", "4", "--train.progress", "false", "--train.report_to", "none")  # fmt: skip
+    records = [json.loads(x) for x in (cli_world / "rloo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/gold" in r for r in records) and (cli_world / "rloo" / "final" / "config.json").is_file()
+
+
 def test_bad_row_is_reported_with_file_line_and_field(cli_world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = (cli_world / "world" / "preferences_train.jsonl").read_text().splitlines()[:6]
