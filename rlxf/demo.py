@@ -63,7 +63,7 @@ class DemoConfig:
     """DPO β."""
     dpo_lr: float = 1e-4
     """DPO learning rate."""
-    eval_samples_per_prompt: int = 2
+    eval_samples_per_prompt: int = 4
     """Responses per held-out prompt and policy in the evaluation."""
     max_new_tokens: int = 48
     """Longest sampled response in tokens."""

@@ -39,6 +39,8 @@ class Sample:
     """Generated ids up to and including EOS when finished; no padding."""
     finished: bool
     """True when the response ended with EOS, False when it hit max_new_tokens."""
+    logprobs: list[float] | None = None
+    """log π(y_t) of each response token under the untempered logits (`generate(..., return_logprobs=True)`)."""
 
 
 @torch.no_grad()
@@ -52,6 +54,7 @@ def generate(
     settings: GenerationSettings | None = None,
     seed: int = 0,
     progress: bool = False,
+    return_logprobs: bool = False,
 ) -> list[list[Sample]]:
     """Sample `n` responses for each prompt; returns one list of `n` samples per prompt, in order.
 
@@ -68,20 +71,39 @@ def generate(
         ids, attention_mask = pad(chunk, pad_token_id, side="left")  # (B, L): generation needs left padding
         torch.manual_seed(seed * 1_000_003 + batch_index)
         greedy = settings.temperature == 0
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else settings.temperature,
-            top_p=None if greedy else settings.top_p,
-            top_k=None if greedy else 0,
-            num_return_sequences=n,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            use_cache=True,
-        )  # (B * n, L + N), samples of one prompt adjacent
-        new_tokens = out[:, ids.shape[1] :].tolist()
+        if not greedy and settings.top_p >= 1.0:  # plain sampling: rlxf's own KV-cache loop, no HF generate()
+            tokens, logps = _sample_loop(
+                model,
+                ids.to(device),
+                attention_mask.to(device),
+                n,
+                settings.max_new_tokens,
+                settings.temperature,
+                eos_token_id,
+                pad_token_id,
+            )  # (B·n, N) each, samples of one prompt adjacent
+        else:
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else settings.temperature,
+                top_p=None if greedy else settings.top_p,
+                top_k=None if greedy else 0,
+                num_return_sequences=n,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                use_cache=True,
+                return_dict_in_generate=True,
+                output_logits=return_logprobs,
+            )  # (B * n, L + N), samples of one prompt adjacent
+            tokens = out.sequences[:, ids.shape[1] :]  # (B·n, N)
+            logps = None
+            if return_logprobs:  # the logits the sampler saw anyway: no extra forward pass
+                logps = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        new_tokens = tokens.tolist()
+        new_logps = logps.tolist() if return_logprobs else None
         for row, tokens in enumerate(new_tokens):
             response, finished = [], False
             for t in tokens:
@@ -89,9 +111,52 @@ def generate(
                 if t == eos_token_id:
                     finished = True
                     break
-            results[start + row // n].append(Sample(start + row // n, response, finished))
+            lp = new_logps[row][: len(response)] if new_logps is not None else None
+            results[start + row // n].append(Sample(start + row // n, response, finished, lp))
     model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def _sample_loop(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) left-padded prompts -> (B·n, N) sampled tokens and their (B·n, N) log π (untempered logits), samples
+    of one prompt adjacent, N <= max_new_tokens (stops when every row has sampled EOS; pad after a row's EOS).
+
+    Inverse-CDF sampling draws one uniform per row; torch.multinomial draws V exponentials per row (measured: 340 µs
+    against 18 µs per call for 32 × 512 on one CPU thread).
+    """
+    ids, mask = ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)  # (B·n, L)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B·n, L): left padding does not shift positions
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    past, next_position = out.past_key_values, position[:, -1:] + 1
+    finished = torch.zeros(ids.shape[0], 1, dtype=torch.bool, device=ids.device)  # (B·n, 1)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B·n, V)
+        cdf = (logits / temperature).softmax(-1).cumsum(-1)  # (B·n, V)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # (B·n, 1)
+        token = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)  # (B·n, 1)
+        token = torch.where(finished, pad_token_id, token)
+        tokens.append(token)
+        logps.append(logits.log_softmax(-1).gather(-1, token))
+        finished = finished | (token == eos_token_id)
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        out = model(
+            input_ids=token, attention_mask=mask, position_ids=next_position, past_key_values=past, use_cache=True
+        )
+        next_position = next_position + 1
+    return torch.cat(tokens, 1), torch.cat(logps, 1)
 
 
 def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:

@@ -59,3 +59,21 @@ def test_generation_stops_at_eos(tiny_tokenizer):
     assert decode_samples(tiny_tokenizer, stops)[0] == [""]
     never = generate(model_with_bias(tiny_tokenizer, banned=eos), prompts(tiny_tokenizer), **kw)
     assert all(len(s.response_ids) == 5 and not s.finished and eos not in s.response_ids for g in never for s in g)
+
+
+def test_sampled_logprobs_equal_a_forward_pass_with_left_padding(tiny_tokenizer):
+    # The sampler's own KV-cache loop returns log π(y_t); a plain forward over prompt + response must agree, for
+    # prompts of different lengths in one left-padded batch.
+    from rlxf.logprobs import token_logprobs
+
+    model = build_tiny_model(tiny_tokenizer, TinyModelConfig(hidden_size=32, intermediate_size=64)).eval()
+    eos, pad_id = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    out = generate(model, prompts(tiny_tokenizer), eos_token_id=eos, pad_token_id=pad_id, n=2, seed=3,
+                   settings=GenerationSettings(max_new_tokens=6, temperature=0.7), return_logprobs=True)  # fmt: skip
+    for prompt, group in zip(prompts(tiny_tokenizer), out):
+        for s in group:
+            ids = torch.tensor([prompt + s.response_ids])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[:, len(prompt) - 1 : -1]  # positions predicting the response
+            expected = token_logprobs(logits, torch.tensor([s.response_ids]))[0]
+            torch.testing.assert_close(torch.tensor(s.logprobs), expected, rtol=1e-4, atol=1e-5)

@@ -33,7 +33,7 @@ from rlxf.data import load_prompts
 from rlxf.engine import Engine, TrainConfig
 from rlxf.logprobs import shift_for_next_token, token_logprobs
 from rlxf.reward_sources import RewardSource, build_reward_source
-from rlxf.rl import entropy_from_logits, kl_penalty, masked_mean, rloo_advantages
+from rlxf.rl import entropy_from_logits, masked_mean, rloo_advantages
 from rlxf.sampling import GenerationSettings, decode_samples, generate
 from rlxf.tokenization import encode_prompts, pad
 from rlxf.trainers.common import load_tokenizer
@@ -86,9 +86,16 @@ def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def policy_token_logprobs(
     model: torch.nn.Module, batch: dict[str, Any], with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """log π(y_t) of the response tokens: (B, L-1) log-probs, the (B, L-1) response mask, and (B, L-1) entropies."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
-    logits, labels, mask = shift_for_next_token(logits, batch["input_ids"], batch["response_mask"])
+    """log π(y_t) of the response tokens: (B, T') log-probs, the (B, T') response mask, and (B, T') entropies, with
+    T' = L - first_response_position (L - 1 when the batch does not say)."""
+    # Logits from the position before the batch's earliest response token on: the LM head, log-softmax and entropy
+    # skip prompt positions that predict no response token. first: a Python int from the rollout (no host sync).
+    first = batch.get("first_response_position", 1)  # 1: every position (a batch built elsewhere)
+    keep = batch["input_ids"].shape[1] - first + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    logits, labels, mask = shift_for_next_token(
+        logits, batch["input_ids"][:, first - 1 :], batch["response_mask"][:, first - 1 :]
+    )  # (B, keep, V) -> (B, keep-1, V), (B, keep-1), (B, keep-1)
     mask = mask.bool()
     logps = token_logprobs(logits, labels.masked_fill(~mask, 0))  # (B, L-1)
     entropy = None
@@ -120,6 +127,7 @@ def rollout(
         n=cfg.k,
         settings=cfg.generation,
         seed=seed,
+        return_logprobs=True,  # log π(y_t) from the sampling pass: no separate no-grad forward of the policy
     )
     texts = [t for group in decode_samples(tokenizer, samples) for t in group]  # (B,)
     flat = [s for group in samples for s in group]
@@ -139,13 +147,12 @@ def rollout(
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
         "response_mask": response_mask.to(device),
+        "first_response_position": min(len(r["prompt_ids"]) for r in prompt_rows),
     }
-    was_training = policy.training
-    policy.eval()
-    logps, mask, _ = policy_token_logprobs(policy, batch)  # (B, L-1)
-    policy.train(was_training)
-    ref_logps, _, _ = policy_token_logprobs(ref, batch)  # (B, L-1)
-    kl = torch.where(mask, kl_penalty(logps, ref_logps, "k1"), 0).sum(-1)  # (B,) Σ_t KL_t
+    ref_logps, mask, _ = policy_token_logprobs(ref, batch)  # (B, T')
+    # k1 summed over the response: Σ_t (log π − log π_ref) = Σ_t log π (sampling pass) − Σ_t log π_ref
+    policy_logp = torch.tensor([sum(s.logprobs) for s in flat], dtype=ref_logps.dtype, device=device)  # (B,)
+    kl = policy_logp - torch.where(mask, ref_logps, 0).sum(-1)  # (B,) Σ_t KL_t
     rlhf_scores = scores - cfg.kl_coef * kl  # (B,)
 
     # 5. leave-one-out advantages within each prompt's K samples
