@@ -236,18 +236,24 @@ def sample_responses(
     return out
 
 
-def run_sample(cfg: SampleConfig) -> Path:
+def load_encoded_prompts(
+    path: str, tokenizer: Any, out_file: Path, on_bad_row: str, max_prompt_length: int
+) -> list[dict[str, Any]]:
+    """Prompt rows read and tokenized; in skip mode the rejected rows of both steps go to `<out_file>.rejected.jsonl`."""
     from rlxf.data import load_prompts
     from rlxf.tokenization import encode_prompts
 
+    rejected = out_file.with_suffix(".rejected.jsonl")
+    rows = load_prompts(path, on_bad_row=on_bad_row, rejected_path=rejected)
+    return encode_prompts(
+        rows, tokenizer, max_prompt_length=max_prompt_length, on_bad_row=on_bad_row, rejected_path=rejected
+    )
+
+
+def run_sample(cfg: SampleConfig) -> Path:
     model, tokenizer = load_policy(cfg.model)
     out = Path(cfg.out)
-    rows = encode_prompts(
-        load_prompts(cfg.prompts_file, on_bad_row=cfg.on_bad_row, rejected_path=out.with_suffix(".rejected.jsonl")),
-        tokenizer,
-        max_prompt_length=cfg.max_prompt_length,
-        on_bad_row=cfg.on_bad_row,
-    )
+    rows = load_encoded_prompts(cfg.prompts_file, tokenizer, out, cfg.on_bad_row, cfg.max_prompt_length)
     results = sample_responses(model, tokenizer, rows, cfg.n, cfg.generation, cfg.seed)
     write_jsonl(out, results)
     unfinished = sum(not r["finished"] for r in results)

@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlxf.data import load_prompts
 from rlxf.feedback.judges import FactWorldHumanJudge, Judge
-from rlxf.sampling import GenerationSettings, load_policy, sample_responses, write_jsonl
-from rlxf.tokenization import encode_prompts
+from rlxf.sampling import GenerationSettings, load_encoded_prompts, load_policy, sample_responses, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +81,7 @@ def run_pairs(cfg: PairsConfig) -> Path:
     judge = build_judge(cfg)
     model, tokenizer = load_policy(cfg.model)
     out = Path(cfg.out)
-    rows = encode_prompts(
-        load_prompts(cfg.prompts_file, on_bad_row=cfg.on_bad_row, rejected_path=out.with_suffix(".rejected.jsonl")),
-        tokenizer,
-        max_prompt_length=cfg.max_prompt_length,
-        on_bad_row=cfg.on_bad_row,
-    )
+    rows = load_encoded_prompts(cfg.prompts_file, tokenizer, out, cfg.on_bad_row, cfg.max_prompt_length)
     samples = sample_responses(model, tokenizer, rows, cfg.k, cfg.generation, cfg.seed)
     pairs = label_pairs(samples, judge, cfg.seed)
     if not pairs:
