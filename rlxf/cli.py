@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -131,6 +132,8 @@ def _demo() -> Command:
 
 
 def _print_summary(result: dict[str, Any]) -> None:
+    if os.environ.get("RANK", "0") != "0":  # one summary per multi-process run
+        return
     last = {k: v[-1] for k, v in result.get("history", {}).items() if v}
     print(json.dumps({"out": result.get("out"), "finished": result.get("finished"), "last": last}, indent=2))
 

@@ -97,6 +97,15 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def several_cpu_processes() -> bool:
+    """True for a multi-process launch (torchrun sets WORLD_SIZE) on a machine without CUDA.
+
+    Accelerate sets up its gloo process group for CPU processes only when told the run is on the CPU; without this
+    each process would silently train alone.
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     per_pass = cfg.per_device_batch_size * world_size
     if cfg.batch_size % per_pass:
@@ -122,7 +131,9 @@ class Engine:
             raise ValueError("no training examples: check the data file and --on-bad-row")
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(cfg.mixed_precision), cpu=several_cpu_processes()
+        )
         set_seed(cfg.seed)
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index

@@ -1,7 +1,7 @@
 """A toy SFT problem for engine tests: random token rows on the tiny model, trained through `Engine` directly.
 
-Also runnable as a script, so the multi-process test can start it under `accelerate launch`:
-    python tests/engine_toy.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH_SIZE RESULT_JSON
+Also runnable as a script, so the multi-process test can start it under torchrun:
+    python -m torch.distributed.run --nproc_per_node 2 tests/engine_toy.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH_SIZE RESULT_JSON
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def run_toy(model_dir, out_dir, **train_overrides) -> tuple[list[float], torch.n
 
 if __name__ == "__main__":
     model_dir, out_dir, per_device, result = sys.argv[1:5]
+    import torch.distributed as dist
+
     losses, model = run_toy(model_dir, out_dir, per_device_batch_size=int(per_device), max_steps=4)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     if losses:  # rank 0 only
-        Path(result).write_text(json.dumps(losses))
+        Path(result).write_text(json.dumps({"losses": losses, "world_size": world_size}))

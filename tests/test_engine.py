@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,18 +117,16 @@ def test_data_order_depends_only_on_seed_and_step(tiny_model_dir, tmp_path):
 @pytest.mark.multiprocess
 def test_two_gloo_processes_train_like_one(tiny_model_dir, tmp_path):
     """2 CPU processes × per-device batch 4 == 1 process × batch 8 (losses within 1e-5)."""
-    if shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None:
-        pytest.skip("accelerate launcher not installed")
     single, _ = run_toy(tiny_model_dir, tmp_path / "one", per_device_batch_size=8, max_steps=4)
     result = tmp_path / "two.json"
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", "29533",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
         str(HERE / "engine_toy.py"), str(tiny_model_dir), str(tmp_path / "two"), "4", str(result),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(result.read_text())
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(single), rtol=0, atol=1e-5)
+    assert two["world_size"] == 2  # a launch that silently trains alone must not pass
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(single), rtol=0, atol=1e-5)
