@@ -172,7 +172,10 @@ def _segment_compact(
     min_len: int,
     reduce: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Shared core: returns (order, valid, seg_id, seg_reward_per_token, starts), all (B, T), compacted coordinates."""
+    """Shared core, all (B, T) in compacted coordinates: (order, valid, starts, seg_r, seg_r_per_token).
+
+    order maps compacted -> original columns; seg_r[b, k] is the reward of row b's k-th segment.
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if reduce not in ("mean", "sum"):
@@ -194,7 +197,7 @@ def _segment_compact(
     total = torch.zeros_like(r).scatter_add_(-1, seg_id, r)  # (B, T) indexed by segment
     count = torch.zeros_like(r).scatter_add_(-1, seg_id, valid.to(r.dtype))
     seg_r = total / count.clamp(min=1) if reduce == "mean" else total
-    return order, valid, seg_id, seg_r.gather(-1, seg_id), starts
+    return order, valid, starts, seg_r, seg_r.gather(-1, seg_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,13 +229,9 @@ def segment(
     Returns, per row, the segments in order as `Segment(start, end, reward)`: [start, end) are columns of the T axis
     (see the module docstring for padding), reward is a 0-dim tensor. A row with no valid token gives [].
     """
-    order, valid, seg_id, _, starts = _segment_compact(
+    order, valid, starts, seg_r, _ = _segment_compact(
         token_rewards, mask, granularity, boundaries, tau, tau_scale, window, min_len, reduce
     )
-    r = torch.where(valid, token_rewards.gather(-1, order), torch.zeros_like(token_rewards))
-    total = torch.zeros_like(r).scatter_add_(-1, seg_id, r)  # (B, T) per segment
-    count = torch.zeros_like(r).scatter_add_(-1, seg_id, valid.to(r.dtype))
-    seg_r = total / count.clamp(min=1) if reduce == "mean" else total
     out: list[list[Segment]] = []
     for b, (row_starts, cols, n) in enumerate(
         zip(starts.cpu().tolist(), order.cpu().tolist(), valid.sum(-1).tolist())
@@ -268,7 +267,7 @@ def agreement_mask(
         return mask.clone()
     if token_rewards is None:
         raise ValueError(f"granularity {granularity!r} needs token_rewards")
-    order, valid, _, tok_seg_r, _ = _segment_compact(
+    order, valid, _, _, tok_seg_r = _segment_compact(
         token_rewards, mask, granularity, boundaries, tau, tau_scale, window, min_len, reduce
     )
     keep_c = (labels.to(tok_seg_r.dtype)[:, None] * tok_seg_r > margin) & valid  # (B, T) compacted
