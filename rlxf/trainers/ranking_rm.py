@@ -44,7 +44,7 @@ from rlxf.engine import Engine
 from rlxf.models.reward_model import RewardModel, last_token_index
 from rlxf.packing import check_packing_supported, first_fit_decreasing
 from rlxf.tokenization import encode_rankings, pad
-from rlxf.trainers.common import load_tokenizer
+from rlxf.trainers.common import load_encoded, load_tokenizer
 from rlxf.trainers.rm import RewardModelConfig
 
 logger = logging.getLogger(__name__)
@@ -377,15 +377,8 @@ def train_ranking_reward_model(cfg: RewardModelConfig, model: RewardModel | None
     out = Path(cfg.out)
 
     def encoded(path: str, split: str) -> list[dict[str, Any]]:
-        rows = load_rankings(path, on_bad_row=cfg.on_bad_row, rejected_path=out / f"rejected_{split}.jsonl")
-        enc = encode_rankings(
-            rows,
-            tokenizer,
-            max_length=cfg.max_length,
-            max_prompt_length=cfg.max_prompt_length,
-            on_bad_row=cfg.on_bad_row,
-            rejected_path=out / f"rejected_tokenized_{split}.jsonl",
-        )
+        lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
+        enc = load_encoded(load_rankings, encode_rankings, path, tokenizer, out, split, cfg.on_bad_row, **lengths)
         if cfg.loss == "ranking":
             for row, u in zip(enc, row_utilities(enc, cfg.utility, cfg.utility_gamma, cfg.utility_c, cfg.utility_eps)):
                 row["_utility"] = u

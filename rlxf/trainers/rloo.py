@@ -36,7 +36,7 @@ from rlxf.reward_sources import RewardSource, build_reward_source
 from rlxf.rl import entropy_from_logits, masked_mean, rloo_advantages
 from rlxf.sampling import GenerationSettings, decode_samples, generate
 from rlxf.tokenization import encode_prompts, pad
-from rlxf.trainers.common import load_tokenizer
+from rlxf.trainers.common import load_encoded, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +201,10 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(cfg.model)
     out = Path(cfg.out)
-    prompt_rows = load_prompts(
-        cfg.prompts_file, on_bad_row=cfg.on_bad_row, rejected_path=out / "rejected_prompts.jsonl"
-    )
-    rows = encode_prompts(prompt_rows, tokenizer, max_prompt_length=cfg.max_prompt_length, on_bad_row=cfg.on_bad_row)
+    rows = load_encoded(
+        load_prompts, encode_prompts, cfg.prompts_file, tokenizer, out, "prompts", cfg.on_bad_row,
+        max_prompt_length=cfg.max_prompt_length,
+    )  # fmt: skip
     engine = Engine(cfg.train, out, model, num_examples=len(rows), config_dict=asdict(cfg))
     policy = engine.model
     source = build_reward_source(cfg.reward, device=engine.device)
