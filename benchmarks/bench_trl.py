@@ -606,6 +606,21 @@ def settings_line(report: dict[str, Any]) -> str:
     )
 
 
+def parse_with_model_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add the options every benchmark shares (tiny-model size, device, the child marker), parse, check --warmup."""
+    p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary of the tiny model")
+    p.add_argument("--hidden-size", type=int, default=64, help="tiny Llama width")
+    p.add_argument("--layers", type=int, default=2, help="tiny Llama blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--intermediate-size", type=int, default=256, help="MLP width")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: both sides on the GPU, fp32")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is None and not 1 <= args.warmup < args.steps:
+        p.error(f"--warmup must be in [1, --steps) (got {args.warmup} with --steps {args.steps})")
+    return args
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="benchmarks/results", help="directory for trl.md, trl.json and the runs")
@@ -626,17 +641,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128, help="longest prompt + response (nothing may be cut)")
     p.add_argument("--max-prompt-length", type=int, default=96, help="longest prompt (nothing may be cut)")
     p.add_argument("--seed", type=int, default=0, help="world, weights and data order")
-    p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary of the tiny model")
-    p.add_argument("--hidden-size", type=int, default=64, help="tiny Llama width")
-    p.add_argument("--layers", type=int, default=2, help="tiny Llama blocks")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--intermediate-size", type=int, default=256, help="MLP width")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: both sides on the GPU, fp32")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child is None and not 1 <= args.warmup < args.steps:
-        p.error(f"--warmup must be in [1, --steps) (got {args.warmup} with --steps {args.steps})")
-    return args
+    return parse_with_model_args(p, argv)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ for _p in (str(ROOT), str(HERE)):  # this checkout's rlxf, and bench_trl / rloo_
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from bench_trl import PeakMemory, StepClock, _set_threads, child_env  # noqa: E402
+from bench_trl import PeakMemory, StepClock, _set_threads, child_env, parse_with_model_args  # noqa: E402
 
 REWARD_RLXF = "callable:rloo_reward:rlxf_reward"
 
@@ -396,17 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant)")
     p.add_argument("--max-prompt-length", type=int, default=128, help="longest prompt (nothing may be cut)")
     p.add_argument("--seed", type=int, default=0, help="world, weights and prompt order")
-    p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary of the tiny model")
-    p.add_argument("--hidden-size", type=int, default=64, help="tiny Llama width")
-    p.add_argument("--layers", type=int, default=2, help="tiny Llama blocks")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--intermediate-size", type=int, default=256, help="MLP width")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: both sides on the GPU, fp32")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child is None and not 1 <= args.warmup < args.steps:
-        p.error(f"--warmup must be in [1, --steps) (got {args.warmup} with --steps {args.steps})")
-    return args
+    return parse_with_model_args(p, argv)
 
 
 if __name__ == "__main__":
