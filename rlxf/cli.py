@@ -104,6 +104,50 @@ def _rloo() -> Command:
     return Command(RLOOConfig, lambda cfg: _print_summary(train_rloo(cfg)))
 
 
+def _ppo() -> Command:
+    from rlxf.trainers.ppo import PPOConfig, train_ppo
+
+    return Command(PPOConfig, lambda cfg: _print_summary(train_ppo(cfg)))
+
+
+def _reinforce() -> Command:
+    from rlxf.trainers.ppo import ReinforceConfig, train_ppo
+
+    return Command(ReinforceConfig, lambda cfg: _print_summary(train_ppo(cfg)))
+
+
+def _rejection_sampling() -> Command:
+    from rlxf.trainers.rejection_sampling import RejectionSamplingConfig, train_rejection_sampling
+
+    return Command(RejectionSamplingConfig, lambda cfg: _print_summary(train_rejection_sampling(cfg)))
+
+
+def _segments_show() -> Command:
+    from rlxf.credit_view import ShowSegmentsConfig, run_show_segments
+
+    return Command(ShowSegmentsConfig, lambda cfg: print(run_show_segments(cfg)))
+
+
+def _segments_quality() -> Command:
+    from rlxf.credit_view import SegmentQualityConfig, run_segment_quality
+
+    return Command(
+        SegmentQualityConfig, lambda cfg: print(json.dumps(run_segment_quality(cfg), indent=2, default=str))
+    )
+
+
+def _serve() -> Command:
+    from rlxf.feedback.serve import ServeConfig, run_serve
+
+    return Command(ServeConfig, run_serve)
+
+
+def _label() -> Command:
+    from rlxf.feedback.label import LabelConfig, run_label
+
+    return Command(LabelConfig, lambda cfg: print(json.dumps(run_label(cfg), indent=2, default=str)))
+
+
 def _sample() -> Command:
     from rlxf.sampling import SampleConfig, run_sample
 
@@ -150,6 +194,22 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
     "rm": ("Train a reward model on preference pairs (Bradley-Terry, margins, soft labels).", _rm),
     "dpo": ("Direct preference optimisation (sigmoid / IPO / conservative / soft labels, cached reference).", _dpo),
     "rloo": ("REINFORCE leave-one-out: k samples per prompt, any reward source, KL to a frozen reference.", _rloo),
+    "ppo": ("PPO: per-token rewards and KL, GAE, value model or shared value head, clipped losses, epochs.", _ppo),
+    "reinforce": ("REINFORCE with a learned value baseline (RLAIF paper), per-token rewards, KL.", _reinforce),
+    "rejection-sampling": (
+        "Best-of-N fine-tuning: sample N, keep the best by a reward source, (masked) NLL on the winners.",
+        _rejection_sampling,
+    ),
+    "segments show": (
+        "Render responses with their segments, pivots, segment rewards and kept/masked tokens (terminal + HTML).",
+        _segments_show,
+    ),
+    "segments quality": (
+        "Precision / recall of negative segments against FactWorld's gold wrong-fact spans.",
+        _segments_quality,
+    ),
+    "label": ("RLAIF: label preference pairs with an LLM (both orders, soft labels, cache, resume).", _label),
+    "serve": ("OpenAI-compatible HTTP server (completions, chat, log-probs) for a local HF model dir.", _serve),
     "sample": ("Sample n responses per prompt from a policy (batched, KV cache); writes JSONL.", _sample),
     "pairs": ("Sample k responses per prompt and label every pair with a judge; writes preference JSONL.", _pairs),
     "eval": ("Gold win rate, hallucination, retain accuracy, length, KL (and RM accuracy) for policies.", _eval),

@@ -13,6 +13,10 @@ indices into the original T axis: `start` is the column of the segment's first v
 column of its last valid token, so with left padding the first segment starts at the first valid column. Nothing
 outside the mask changes any result, and every (B, T) output is False outside the mask.
 
+Loss side. `weighted_sequence_logprobs` sums log π(y_t) over the kept tokens with weights w_t = m_t + λ·(1 − m_t)
+(spec §2.1, §2.6): masked DPO ("ADPO") applies it to the policy and the reference, masked rejection sampling ("ARJ")
+divides it by Σ_t w_t.
+
 `agreement_mask` is vectorised except for the short-segment merge of `segment` granularity, which is sequential by
 definition and runs as a Python loop over each row's pivot indices (one device-to-host copy of the pivot flags).
 `segment` returns Python lists, so it copies segment boundaries to the host too.
@@ -21,15 +25,48 @@ definition and runs as a Python loop over each row's pivot indices (one device-t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from rlxf.logprobs import token_logprobs
+
 Granularity = Literal["sequence", "token", "step", "segment"]
 SegmentReduce = Literal["mean", "sum"]
 GRANULARITIES: tuple[str, ...] = ("sequence", "token", "step", "segment")
 STEP_DELIMITERS: tuple[str, ...] = (".", "!", "?", ";")
+
+
+@dataclass
+class CreditConfig:
+    """Which tokens an optimiser trains on (the `credit:` section of DPO, PPO, REINFORCE, RLOO, rejection sampling)."""
+
+    granularity: Granularity = "sequence"
+    """'sequence' trains on every response token (the usual method); 'token', 'step' or 'segment' keep only the
+    tokens whose token / step / adaptive-segment reward agrees in sign with the sequence label (arXiv 2411.00809)."""
+    token_reward: str = ""
+    """Reward spec of the token rewards that are segmented, e.g. 'rm:DIR:token' (increments of a BT reward head),
+    'dpo:DIR' (β·(log π − log π_ref) of a DPO model), 'factworld:DIR:token' (gold). Empty: the stage's own reward
+    (RL) or required (DPO, rejection sampling) when granularity is not 'sequence'."""
+    tau: float | None = None
+    """Pivot threshold of 'segment'; None = tau_scale × std of the batch's token rewards."""
+    tau_scale: float = 0.1
+    """τ as a multiple of the token rewards' standard deviation, when tau is None."""
+    window: int = 3
+    """Width of the centred moving average that smooths token rewards before pivots are found ('segment')."""
+    min_len: int = 2
+    """Segments shorter than this many tokens are merged into a neighbour ('segment')."""
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity {self.granularity!r}: choose one of {list(GRANULARITIES)}")
+
+    @property
+    def options(self) -> dict[str, object]:
+        """Keyword options for `segment` / `agreement_mask`."""
+        return {"tau": self.tau, "tau_scale": self.tau_scale, "window": self.window, "min_len": self.min_len}
 
 
 class Segment(NamedTuple):
@@ -272,3 +309,18 @@ def agreement_mask(
     )
     keep_c = (labels.to(tok_seg_r.dtype)[:, None] * tok_seg_r > margin) & valid  # (B, T) compacted
     return torch.zeros_like(mask).scatter(-1, order, keep_c)
+
+
+def weighted_sequence_logprobs(
+    logits: Tensor,  # (B, T, V) logits[:, t] scores labels[:, t] (already shifted)
+    labels: Tensor,  # (B, T) token ids; any value where weight is 0
+    weight: Tensor,  # (B, T) float token weights w_t (the keep-mask as float, 0 outside the response)
+) -> Tensor:
+    """Σ_t w_t · log π(labels_t) per row: (B, T, V), (B, T), (B, T) -> (B,) float32 (spec §2.6, h = Σ_t w_t Δ_t).
+
+    With w = the response mask as float it equals `rlxf.logprobs.sequence_logprobs` bit for bit (same kernel, same
+    products and sums), so an all-ones keep-mask reproduces the unmasked losses exactly. The gradient with respect to
+    the logits of a position with w_t = 0 is exactly 0.
+    """
+    safe_labels = labels.masked_fill(weight == 0, 0)  # positions of weight 0 contribute 0 · finite = 0
+    return (token_logprobs(logits, safe_labels) * weight.to(torch.float32)).sum(-1)

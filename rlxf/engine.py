@@ -154,6 +154,9 @@ class Engine:
 
         self.step = 0
         self.finished = False
+        # JSON-able state of the algorithm (e.g. PPO's adaptive KL coefficient), saved with every checkpoint and
+        # restored by resume.
+        self.extra_state: dict[str, Any] = {}
         self._perm_cache: tuple[int, list[int]] | None = None
         self._last_log_time = time.perf_counter()
         self._tokens_since_log = 0
@@ -258,14 +261,31 @@ class Engine:
         local = torch.tensor(float(sum(b["num_units"] for b in micro_batches)), device=self.device)
         return self.accelerator.reduce(local, reduction="sum") if self.world_size > 1 else local
 
+    def global_sum(self, value: float | Tensor) -> Tensor:
+        """A number summed over processes (e.g. the kept tokens of a PPO minibatch), as a tensor on this device."""
+        local = torch.as_tensor(value, dtype=torch.float32, device=self.device).clone()
+        return self.accelerator.reduce(local, reduction="sum") if self.world_size > 1 else local
+
     def train_step(self, micro_batches: list[dict[str, Any]], loss_fn: LossFn) -> dict[str, float]:
         """Forward/backward every micro-batch, then clip and apply one update. Returns the logged metrics."""
         total_units = self.count_units(micro_batches).clamp(min=1)
+        metric_sums, grad_norm = self.update(micro_batches, loss_fn, total_units)
+        return self.end_step(metric_sums, total_units, grad_norm)
+
+    def update(
+        self, micro_batches: list[dict[str, Any]], loss_fn: LossFn, total_units: Tensor | float
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """One optimiser update from `micro_batches`, whose loss sums are divided by `total_units` (all processes).
+
+        Does not advance the step: SFT, DPO and RLOO make one update per step (`train_step`); PPO makes several per
+        rollout (epochs × minibatches) and then calls `end_step` once. Returns the summed metrics and the gradient
+        norm before clipping.
+        """
         metric_sums: dict[str, Tensor] = {}
         self.model.train()
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            # Gradients are all-reduced once per step, on the last micro-batch, not after every backward.
+            # Gradients are all-reduced once per update, on the last micro-batch, not after every backward.
             sync = nullcontext() if last or self.world_size == 1 else self.accelerator.no_sync(self.model)
             with sync:
                 loss_sum, metrics = loss_fn(batch)
@@ -278,11 +298,17 @@ class Engine:
 
         grad_norm = self._clip_and_check_gradients()
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        return metric_sums, grad_norm
 
-        logged = self._log_train(metric_sums, total_units, grad_norm)
+    def end_step(
+        self, metric_sums: dict[str, Tensor], total_units: Tensor | float, grad_norm: Tensor
+    ) -> dict[str, float]:
+        """Close optimiser step `step`: advance the schedule and the step, log `metric_sums / total_units`, and
+        checkpoint when due. Returns the logged metrics ({} when this step is not logged)."""
+        self.scheduler.step()
+        self.step += 1
+        logged = self._log_train(metric_sums, torch.as_tensor(total_units, device=self.device), grad_norm)
         if self.cfg.save_every and self.step % self.cfg.save_every == 0:
             self.save_checkpoint()
         return logged
@@ -381,7 +407,12 @@ class Engine:
         self.accelerator.save_state(str(tmp))
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            state = {"step": self.step, "total_steps": self.total_steps, "world_size": self.world_size}
+            state = {
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "world_size": self.world_size,
+                "extra": self.extra_state,
+            }
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -404,10 +435,12 @@ class Engine:
             )
         self.accelerator.load_state(str(latest))
         self.step = state["step"]
+        self.extra_state = state.get("extra", {})
         logger.info("resumed from %s at step %d", latest, self.step)
 
-    def save_final(self, tokenizer: Any, name: str = "final") -> Path:
-        """The trained model and its tokenizer as one `save_pretrained` directory, out_dir/name.
+    def save_final(self, tokenizer: Any, name: str = "final", model: Any = None) -> Path:
+        """The trained model (or `model`, e.g. the policy inside an actor-critic) and its tokenizer as one
+        `save_pretrained` directory, out_dir/name.
 
         Written by rank 0 under a temporary name and renamed, so a crash never leaves half a model behind.
         """
@@ -416,7 +449,7 @@ class Engine:
         if self.is_main:
             tmp = self.out_dir / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.unwrap().save_pretrained(tmp)
+            (model if model is not None else self.unwrap()).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
