@@ -232,7 +232,10 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Command | No
     parser.add_argument("--log-level", default="INFO", help="Python logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     groups: dict[str, argparse._SubParsersAction] = {}
-    chosen = " ".join(a for a in argv[:2] if not a.startswith("-"))
+    words = list(argv)
+    while words and words[0].startswith("--log-level"):  # the one global option may come before the command
+        words = words[1:] if "=" in words[0] else words[2:]
+    chosen = " ".join(a for a in words[:2] if not a.startswith("-"))
     selected: Command | None = None
     for name, (help_text, factory) in COMMANDS.items():
         head, _, tail = name.partition(" ")

@@ -109,3 +109,23 @@ def test_rloo_on_factworld_logs_the_gold_score(factworld_model_dir, factworld_di
     assert all(map(math.isfinite, history["loss/policy"]))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"rewards/mean", "rewards/gold", "train/lr"} <= {k for line in lines for k in line}
+
+
+def word_spans(prompts, texts):
+    """The count_word reward as character spans: +1 on every WORD (token-level)."""
+    return [[(i, i + 1, 1.0) for i, c in enumerate(t) if c == WORD] for t in texts]
+
+
+def test_rloo_with_token_credit_trains_on_agreeing_tokens_only(tiny_model_dir, prompts_file, tmp_path):
+    """Credit 'token': a response with a positive advantage keeps only its WORD tokens (the only positive rewards),
+    one with a negative advantage keeps none (no negative token reward); the run trains and logs kept fractions."""
+    from rlxf.credit import CreditConfig
+
+    cfg = config(tiny_model_dir, prompts_file, tmp_path, max_steps=4)
+    cfg.reward = f"callable:{__name__}:word_spans"
+    cfg.credit = CreditConfig(granularity="token")
+    result = train_rloo(cfg)
+    history = result["history"]
+    assert result["finished"] and all(map(math.isfinite, history["loss/policy"]))
+    assert all(f == 0.0 for f in history["asr/kept_frac_neg_adv"])
+    assert all(0.0 < f < 1.0 for f in history["asr/kept_frac_pos_adv"])

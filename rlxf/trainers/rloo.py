@@ -13,7 +13,9 @@ One optimiser step:
      KL-regularised score R = score − β Σ_t KL_t (the KL is part of the sequence reward, as in the paper and TRL's
      RLOOTrainer; with sequence-level advantages a per-token placement would give the same R);
   5. advantages A_i = R_i − mean of the other K − 1 scores of the prompt (`rloo_advantages`), one per sequence;
-  6. the policy gradient loss −A_i Σ_t log π_θ(y_t) over response tokens (EOS included), through the engine.
+  6. the policy gradient loss −A_i Σ_t log π_θ(y_t) over response tokens (EOS included), through the engine; with
+     `credit.granularity` other than 'sequence', only over the tokens whose token / step / segment reward agrees
+     in sign with the response's advantage on the task score (arXiv 2411.00809; the KL stays in the score).
 One epoch per rollout, no ratio clipping: on-policy REINFORCE with the leave-one-out baseline.
 
 Shapes: P prompts, K samples per prompt, B = P·K responses, L prompt + response length, T response tokens.
@@ -29,6 +31,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM
 
+from rlxf.credit import CreditConfig, agreement_mask, step_boundaries
 from rlxf.data import load_prompts
 from rlxf.engine import Engine, TrainConfig
 from rlxf.logprobs import shift_for_next_token, token_logprobs
@@ -65,6 +68,8 @@ class RLOOConfig:
     loss_units: Literal["sequence", "token"] = "sequence"
     """How −A·Σ_t log π is averaged: over the step's sequences (the REINFORCE estimator of the paper), or over its
     response tokens (long responses weigh more per sequence, smaller gradients overall)."""
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    """Credit assignment: which response tokens the policy-gradient loss trains on (see `rlxf.credit`)."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
     train: TrainConfig = field(
@@ -115,6 +120,7 @@ def rollout(
     cfg: RLOOConfig,
     seed: int,
     device: torch.device,
+    credit_source: RewardSource | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """Steps 2-5 for P prompts: a training batch of B = P·K responses (right-padded prompt + response, advantages)
     and per-response statistics for logging."""
@@ -158,10 +164,43 @@ def rollout(
     # 5. leave-one-out advantages within each prompt's K samples
     advantages = rloo_advantages(rlhf_scores.view(-1, cfg.k)).flatten()  # (P, K) -> (B,)
 
+    # 6. credit: keep the tokens whose reward agrees with the sign of the task-score advantage (no KL, spec §2.5)
+    keep = mask
+    stats_credit: dict[str, list[float]] = {}
+    if cfg.credit.granularity != "sequence":
+        labels = torch.sign(rloo_advantages(scores.view(-1, cfg.k)).flatten())  # (B,)
+        token_rewards = rewards
+        if credit_source is not None:
+            token_rewards, _ = credit_source(prompt_rows, response_ids, texts, tokenizer)
+        response_cols = torch.zeros_like(mask)  # (B, T') the response tokens sit at columns p_b − first + t
+        aligned = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+        boundaries = None
+        if cfg.credit.granularity == "step":
+            boundaries = torch.zeros_like(mask)
+            ends = step_boundaries([[tokenizer.decode([t]) for t in ids] for ids in response_ids]).to(device)
+        first = batch["first_response_position"]
+        for b, (row, ids) in enumerate(zip(prompt_rows, response_ids)):
+            start = len(row["prompt_ids"]) - first
+            response_cols[b, start : start + len(ids)] = True
+            aligned[b, start : start + len(ids)] = token_rewards[b, : len(ids)].to(device)
+            if boundaries is not None:
+                boundaries[b, start : start + len(ids)] = ends[b, : len(ids)]
+        keep = agreement_mask(
+            aligned, response_cols, labels.to(device), cfg.credit.granularity, boundaries=boundaries,
+            **cfg.credit.options,
+        )  # fmt: skip
+        frac = (keep.sum(-1) / response_cols.sum(-1)).tolist()
+        stats_credit = {
+            "kept_frac_pos_adv": [f for f, label in zip(frac, labels.tolist()) if label > 0],
+            "kept_frac_neg_adv": [f for f, label in zip(frac, labels.tolist()) if label < 0],
+            "kept_frac": frac,
+        }
+
     num_tokens = int(attention_mask.sum())
     batch |= {
+        "keep": keep,
         "advantages": advantages,
-        "num_units": len(flat) if cfg.loss_units == "sequence" else int(mask.sum()),
+        "num_units": len(flat) if cfg.loss_units == "sequence" else int(keep.sum()),
         "num_tokens": num_tokens,
     }
     stats = {
@@ -170,6 +209,7 @@ def rollout(
         "rlhf_reward": rlhf_scores.tolist(),
         "length": [float(len(ids)) for ids in response_ids],
         "finished": [float(s.finished) for s in flat],
+        **stats_credit,
     }
     world = getattr(source, "world", None)
     if world is not None:
@@ -182,7 +222,7 @@ def rloo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Step 6: the summed policy-gradient loss Σ_i −A_i Σ_t log π_θ(y_i,t) and summed metrics per unit."""
     logps, mask, entropy = policy_token_logprobs(policy, batch, with_entropy=True)  # (B, L-1)
-    pg = torch.where(mask, -batch["advantages"][:, None] * logps, 0)  # (B, L-1)
+    pg = torch.where(batch["keep"], -batch["advantages"][:, None] * logps, 0)  # (B, L-1) only the kept tokens
     # The engine divides every sum by the step's units: per sequence, entropy is each sequence's token mean and
     # logps/response a sequence's summed log-prob; per token, both are token means.
     if loss_units == "sequence":
@@ -208,6 +248,7 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
     engine = Engine(cfg.train, out, model, num_examples=len(rows), config_dict=asdict(cfg))
     policy = engine.model
     source = build_reward_source(cfg.reward, device=engine.device)
+    credit_source = build_reward_source(cfg.credit.token_reward, engine.device) if cfg.credit.token_reward else None
 
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
     ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model).to(engine.device).eval()
@@ -218,14 +259,16 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
         batches, stats = [], {}
         for i, mb in enumerate(micro_batches):
             seed = ((cfg.train.seed * 1_000_003 + engine.step) * 1_000 + i) * 100 + engine.rank
-            batch, mb_stats = rollout(engine.unwrap(), ref, mb["rows"], tokenizer, source, cfg, seed, engine.device)
+            batch, mb_stats = rollout(
+                engine.unwrap(), ref, mb["rows"], tokenizer, source, cfg, seed, engine.device, credit_source
+            )
             batches.append(batch)
             for key, values in mb_stats.items():
                 stats.setdefault(key, []).extend(values)
         # 6. one policy-gradient update on the whole rollout
         logged = engine.train_step(batches, lambda batch: rloo_loss(policy, batch, cfg.loss_units))
         if logged:  # the engine logs every `log_every` steps; the rollout statistics go with it (this process's)
-            mean = {k: sum(v) / len(v) for k, v in stats.items()}
+            mean = {k: sum(v) / len(v) for k, v in stats.items() if v}
             std = (sum((x - mean["score"]) ** 2 for x in stats["score"]) / len(stats["score"])) ** 0.5
             rollout_metrics = {
                 "rewards/mean": mean["score"],
@@ -237,6 +280,9 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
             }
             if "gold" in mean:
                 rollout_metrics["rewards/gold"] = mean["gold"]
+            for key in ("kept_frac", "kept_frac_pos_adv", "kept_frac_neg_adv"):
+                if key in mean:
+                    rollout_metrics[f"asr/{key}"] = mean[key]
             engine.log(rollout_metrics)
 
     if engine.finished:
