@@ -126,7 +126,10 @@ class Engine:
         model: torch.nn.Module,
         num_examples: int,
         config_dict: dict[str, Any] | None = None,
+        param_groups: list[dict[str, Any]] | None = None,
     ):
+        """`param_groups`: optimiser parameter groups (torch's format, e.g. a group with its own "lr") instead of
+        all of `model`'s parameters at `cfg.lr`; the schedule scales every group's rate alike."""
         if num_examples <= 0:
             raise ValueError("no training examples: check the data file and --on-bad-row")
         self.cfg = cfg
@@ -141,7 +144,9 @@ class Engine:
         self.num_examples = num_examples
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * num_examples / cfg.batch_size))
 
-        params = [p for p in model.parameters() if p.requires_grad]
+        params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+        if param_groups is not None:  # e.g. PPO's critic with its own learning rate
+            params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
         # One fused kernel for all parameters instead of a Python loop over them (CPU and CUDA, torch >= 2.4): the same
         # update up to float rounding, ~4x less optimiser time on small models.
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)

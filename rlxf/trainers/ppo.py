@@ -108,6 +108,9 @@ class PPOConfig:
     """Value clip: the critic moves at most this far from its rollout value per update (inf disables)."""
     vf_coef: float = 0.1
     """Weight of the value loss in the total loss."""
+    value_lr: float = 0.0
+    """Learning rate of the critic (the separate value model, or the value head of a shared backbone); 0 means
+    train.lr. A fresh head usually needs a larger one than the policy."""
     kl_coef: float = 0.05
     """β of the per-token KL penalty r_t − β·KL_t (the initial β when kl_target > 0)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -432,7 +435,16 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
         max_prompt_length=cfg.max_prompt_length,
     )  # fmt: skip
     torch.manual_seed(cfg.train.seed)
-    engine = Engine(cfg.train, out, load_actor_critic(cfg, model), num_examples=len(rows), config_dict=asdict(cfg))
+    actor_critic = load_actor_critic(cfg, model)
+    critic = actor_critic.value_model if actor_critic.value_model is not None else actor_critic.value_head
+    critic_ids = {id(p) for p in critic.parameters()}
+    param_groups = [
+        {"params": [p for p in actor_critic.parameters() if id(p) not in critic_ids]},
+        {"params": list(critic.parameters()), "lr": cfg.value_lr or cfg.train.lr},
+    ]
+    engine = Engine(
+        cfg.train, out, actor_critic, num_examples=len(rows), config_dict=asdict(cfg), param_groups=param_groups
+    )
     source = build_reward_source(cfg.reward, device=engine.device)
     credit_source = build_reward_source(cfg.credit.token_reward, engine.device) if cfg.credit.token_reward else None
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.

@@ -1,0 +1,112 @@
+"""The FactWorld starting point the alignment experiments share: world, tokenizer + tiny Llama, SFT policy, pairs
+sampled from it and labelled by the simulated human, and a Bradley–Terry reward model on them.
+
+The settings are the demo's (`rlxf.demo.DemoConfig`), so the numbers connect to the README's demo table. Each stage
+is skipped when its output exists, so experiments run one after another reuse one base (delete the directory to
+rebuild it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from any directory: import the rlxf of this checkout
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rlxf.demo import DemoConfig  # noqa: E402
+from rlxf.engine import TrainConfig  # noqa: E402
+from rlxf.feedback.pairs import PairsConfig, run_pairs  # noqa: E402
+from rlxf.models.tiny import TinyModelConfig, make_tiny_model  # noqa: E402
+from rlxf.sampling import GenerationSettings  # noqa: E402
+from rlxf.trainers.rm import RewardModelConfig, train_reward_model  # noqa: E402
+from rlxf.trainers.sft import SFTConfig, train_sft  # noqa: E402
+from rlxf.worlds.factworld import FactWorldConfig, write_factworld  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def factworld_base(root: str | Path, seed: int = 0, progress: bool = True) -> dict[str, Path]:
+    """Build (or reuse) the base under `root`; returns the paths: world, sft, pairs, rm."""
+    root = Path(root)
+    cfg = DemoConfig(seed=seed, progress=progress)
+    paths = {
+        "world": root / "world",
+        "tiny": root / "tiny",
+        "sft": root / "sft" / "final",
+        "pairs": root / "pairs.jsonl",
+        "rm": root / "rm" / "final",
+    }
+
+    def train(epochs: float, lr: float, **kw) -> TrainConfig:
+        return TrainConfig(
+            epochs=epochs,
+            lr=lr,
+            batch_size=cfg.batch_size,
+            per_device_batch_size=cfg.batch_size,
+            warmup_steps=10,
+            seed=seed,
+            progress=progress,
+            report_to="none",
+            **kw,
+        )
+
+    if not (paths["world"] / "README.md").exists():
+        logger.info("base: writing FactWorld")
+        write_factworld(
+            FactWorldConfig(seed=seed, num_train_prompts=cfg.num_train_prompts, num_test_prompts=cfg.num_test_prompts),
+            paths["world"],
+        )
+    if not (paths["tiny"] / "config.json").exists():
+        make_tiny_model(
+            TinyModelConfig(
+                corpus=str(paths["world"] / "corpus.txt"),
+                out=str(paths["tiny"]),
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.hidden_size,
+                intermediate_size=4 * cfg.hidden_size,
+                layers=cfg.layers,
+                seed=seed,
+            )
+        )
+    if not (paths["sft"] / "config.json").exists():
+        logger.info("base: SFT")
+        train_sft(
+            SFTConfig(
+                model=str(paths["tiny"]),
+                train_file=str(paths["world"] / "sft_train.jsonl"),
+                eval_file=str(paths["world"] / "sft_test.jsonl"),
+                out=str(root / "sft"),
+                train=train(cfg.sft_epochs, cfg.sft_lr, eval_every=100),
+            )
+        )
+    if not paths["pairs"].exists():
+        logger.info("base: sampling and labelling pairs")
+        run_pairs(
+            PairsConfig(
+                model=str(paths["sft"]),
+                prompts_file=str(paths["world"] / "prompts_train.jsonl"),
+                out=str(paths["pairs"]),
+                world=str(paths["world"]),
+                label_temperature=cfg.label_temperature,
+                k=cfg.pairs_per_prompt,
+                generation=GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=1.0, batch_size=64),
+                seed=seed,
+            )
+        )
+    if not (paths["rm"] / "config.json").exists():
+        logger.info("base: reward model")
+        train_reward_model(
+            RewardModelConfig(
+                model=str(paths["sft"]),
+                train_file=str(paths["pairs"]),
+                eval_file=str(paths["world"] / "preferences_test.jsonl"),
+                out=str(root / "rm"),
+                train=train(cfg.rm_epochs, cfg.rm_lr, eval_every=50),
+            )
+        )
+    return paths
