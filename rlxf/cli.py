@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rlxf.config import ConfigError, add_config_arguments, config_from_args
+from rlxf.errors import BackendError
 
 
 @dataclass
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(command.config_cls, args)
         command.run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, BackendError) as e:
         print(f"rlxf: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,10 +13,15 @@ outside the mask. A scalar reward sits on the last response token (the EOS when 
 
 Sources:
 - `RewardModelSource(rm_dir)`: a trained reward model (`rlxf.models.reward_model.RewardModel`);
+- `DPOImplicitRewardSource(dpo_dir, ref_dir, beta)`: per-token implicit rewards β·(log π_dpo − log π_ref) of a DPO model;
 - `FactWorldGoldSource(world_dir, level)`: FactWorld's gold scorer, per sequence or per fact span;
 - `CallableSource("module:function")`: a user's function;
 - `WeightedSum([(w, source), ...])`: Σ w_i · rewards_i.
 `build_reward_source("0.5*rm:DIR+factworld:DIR:token")` builds them from a config string.
+
+Token alignment (spec adaptive_segment_reward.md §2.1): every source puts the reward FOR response token y_t in column
+t, the column of log π(y_t | x, y_<t): `rm:DIR:token` gives v_t − v_(t−1) with v_t the head after reading y_t,
+`dpo:DIR` the log-ratio of y_t itself, `factworld:DIR:token` a fact's reward on the last token of its value.
 
 Shapes: B batch (responses), T tokens (the padded response axis).
 """
@@ -125,6 +130,26 @@ def _spans_rewards(
     return list_to_token_rewards(rows, mask)
 
 
+def prompt_ids_of(row: Mapping[str, Any], tokenizer: Any) -> list[int]:
+    """The ids a scoring model reads before the response: the row's `prompt_ids` when present, else BOS + the
+    encoded prompt text (string prompts only)."""
+    if "prompt_ids" in row:
+        return list(row["prompt_ids"])
+    if not isinstance(row["prompt"], str):
+        raise ValueError("conversational prompt rows need `prompt_ids` (encode them with encode_prompts)")
+    ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
+def _check_same_vocab(own_tokenizer: Any, tokenizer: Any, what: str) -> None:
+    if own_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"{what} has another tokenizer than the policy; train it from the policy's tokenizer (e.g. from the SFT "
+            "model)"
+        )
+
+
 class RewardModelSource:
     """Scores prompt + response with a trained reward model (`rlxf rm` output).
 
@@ -160,13 +185,7 @@ class RewardModelSource:
         self._checked_tokenizer = False
 
     def _prompt_ids(self, row: Mapping[str, Any], tokenizer: Any) -> list[int]:
-        if "prompt_ids" in row:
-            return list(row["prompt_ids"])
-        if not isinstance(row["prompt"], str):
-            raise ValueError("conversational prompt rows need `prompt_ids` (encode them with encode_prompts)")
-        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        bos = tokenizer.bos_token_id
-        return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+        return prompt_ids_of(row, tokenizer)
 
     @torch.no_grad()
     def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
@@ -193,6 +212,116 @@ class RewardModelSource:
                     rewards[b, :n] = v[1:] - v[:-1]
                 else:
                     rewards[b, n - 1] = values[i, len(p) + n - 1]
+        return rewards, mask
+
+
+DPO_DEFAULT_BETA = 0.1
+"""β of `dpo:DIR` when neither the spec nor the DPO run's config.json gives one (spec §2.2 (b))."""
+
+
+def _dpo_run_config(dpo_dir: Path) -> tuple[dict[str, Any], Path | None]:
+    """The `rlxf dpo` run config written beside a `final/` model: DIR/../config.json when it holds a `beta`."""
+    import json
+
+    path = dpo_dir.resolve().parent / "config.json"
+    if not path.is_file():
+        return {}, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}, None
+    return (data, path) if isinstance(data, dict) and "beta" in data else ({}, None)
+
+
+class DPOImplicitRewardSource:
+    """Per-token implicit rewards of a DPO model: r_t = β·(log π_dpo(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)).
+
+    DPO's implicit reward of a sequence is β·log π_dpo(y|x)/π_ref(y|x) (Rafailov et al. 2023, eq. 5); its per-token
+    terms are the token-level rewards of Rafailov et al. 2024, "From r to Q*" (arXiv 2404.12358, §4), and source (b)
+    of rlxf-ASR (spec adaptive_segment_reward.md §2.2). They sum to the sequence's implicit reward. Column t is token
+    y_t (the reward contract).
+
+    `ref_dir` and `beta` default to the DPO run that wrote `dpo_dir`: `rlxf dpo` saves the model in OUT/final and its
+    config in OUT/config.json, whose `ref_model` (or else `model`) and `beta` are used. Without that file `beta` is
+    0.1 (`DPO_DEFAULT_BETA`) and `ref_dir` must be given. Both models read the prompt's ids (`prompt_ids` of the row,
+    else BOS + the encoded prompt text) followed by the response ids, so they must share the policy's tokenizer.
+    """
+
+    world = None
+
+    def __init__(
+        self,
+        dpo_dir: str | Path,
+        ref_dir: str | Path | None = None,
+        beta: float | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+    ):
+        from transformers import AutoModelForCausalLM
+
+        from rlxf.trainers.common import load_tokenizer
+
+        self.dpo_dir = Path(dpo_dir)
+        if not self.dpo_dir.is_dir():
+            raise FileNotFoundError(
+                f"DPO model directory {dpo_dir} does not exist (dpo:DIR wants `rlxf dpo`'s OUT/final)"
+            )
+        run, run_path = _dpo_run_config(self.dpo_dir)
+        if ref_dir is None:
+            named = run.get("ref_model") or run.get("model")
+            if not named:
+                raise ValueError(
+                    f"dpo:{dpo_dir} needs its reference model: give it as 'dpo:{dpo_dir}:REF_DIR' (no `rlxf dpo` "
+                    f"config.json with `model` / `ref_model` beside {dpo_dir})"
+                )
+            if not Path(named).is_dir():
+                raise FileNotFoundError(
+                    f"the reference {named!r} named by {run_path} does not exist from here; give it as "
+                    f"'dpo:{dpo_dir}:REF_DIR'"
+                )
+            ref_dir = named
+        self.ref_dir = Path(ref_dir)
+        beta_from = "given"
+        if beta is None:
+            beta, beta_from = float(run.get("beta", DPO_DEFAULT_BETA)), str(run_path or "default")
+        if not beta > 0:
+            raise ValueError(f"the β of dpo:{dpo_dir} must be > 0, got {beta}")
+        self.beta = beta
+        self.batch_size = batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.policy = AutoModelForCausalLM.from_pretrained(self.dpo_dir).to(self.device).eval()
+        self.ref = AutoModelForCausalLM.from_pretrained(self.ref_dir).to(self.device).eval()
+        self.policy.requires_grad_(False)
+        self.ref.requires_grad_(False)
+        self.own_tokenizer = load_tokenizer(self.dpo_dir)
+        self._checked_tokenizer = False
+        logger.info("dpo token rewards: %s against %s, β=%g (%s)", self.dpo_dir, self.ref_dir, beta, beta_from)
+
+    @torch.no_grad()
+    def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
+        from rlxf.logprobs import token_logprobs
+
+        _check_batch(prompt_rows, response_ids, texts)
+        if not self._checked_tokenizer:
+            _check_same_vocab(self.own_tokenizer, tokenizer, f"the DPO model {self.dpo_dir}")
+            self._checked_tokenizer = True
+        mask = response_mask(response_ids)  # (B, T)
+        rewards = torch.zeros(mask.shape, dtype=torch.float32)
+        for start in range(0, len(response_ids), self.batch_size):
+            rows = range(start, min(start + self.batch_size, len(response_ids)))
+            prompts = [prompt_ids_of(prompt_rows[b], tokenizer) for b in rows]
+            seqs = [p + list(response_ids[b]) for p, b in zip(prompts, rows)]
+            ids, attn = pad(seqs, tokenizer.pad_token_id, side="right")  # (b, L)
+            ids, attn = ids.to(self.device), attn.to(self.device)
+            labels = ids[:, 1:]  # (b, L-1): position j predicts token j + 1
+            logps = [
+                token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], labels).cpu()
+                for model in (self.policy, self.ref)
+            ]  # 2 × (b, L-1)
+            log_ratio = logps[0] - logps[1]  # (b, L-1)
+            for i, (b, p) in enumerate(zip(rows, prompts)):
+                n = len(response_ids[b])
+                rewards[b, :n] = self.beta * log_ratio[i, len(p) - 1 : len(p) - 1 + n]  # y_t predicted at p + t − 1
         return rewards, mask
 
 
@@ -302,7 +431,10 @@ class WeightedSum:
 SPEC_HELP = (
     "a reward spec is one or more terms joined by '+', each '[WEIGHT*]KIND:ARGS' with KIND one of: "
     "'rm:DIR' or 'rm:DIR:token' (reward model, per-token increments), 'factworld:DIR' or 'factworld:DIR:token' "
-    "(gold score per sequence or per fact span), 'callable:module:function'. "
+    "(gold score per sequence or per fact span), 'dpo:DIR[:REF_DIR][:beta=B]' (per-token β·(log π_dpo − log "
+    "π_ref) of a DPO model; reference and β default to DIR/../config.json of `rlxf dpo`, else β = 0.1), "
+    "'rlaif:MODEL_DIR_OR_URL[?task=helpful&...]' (d-RLAIF: an LLM's expected 1-10 score mapped to [-1, 1]), "
+    "'callable:module:function'. "
     "Example: '0.5*rm:runs/rm/final+factworld:runs/factworld:token'"
 )
 
@@ -319,9 +451,33 @@ def _build_term(term: str, device: str | torch.device | None) -> RewardSource:
         if kind == "rm":
             return RewardModelSource(path, per_token=level == "token", device=device)
         return FactWorldGoldSource(path, level=level or "sequence")
+    if kind == "rlaif":  # d-RLAIF: an LLM's expected 1-10 score, mapped to [-1, 1]
+        from rlxf.feedback.direct import DirectScoreSource
+
+        return DirectScoreSource.from_spec(rest)
     if kind == "callable":
         return CallableSource(rest)
-    raise ValueError(f"unknown reward kind {kind!r} in {term!r}; choose one of ['callable', 'factworld', 'rm']")
+    if kind == "dpo":
+        return _build_dpo(term, rest, device)
+    raise ValueError(
+        f"unknown reward kind {kind!r} in {term!r}; choose one of ['callable', 'dpo', 'factworld', 'rlaif', 'rm']"
+    )
+
+
+def _build_dpo(term: str, rest: str, device: str | torch.device | None) -> DPOImplicitRewardSource:
+    """'dpo:DIR[:REF_DIR][:beta=B]' -> DPOImplicitRewardSource."""
+    paths, beta = [], None
+    for part in rest.split(":"):
+        if part.startswith("beta="):
+            try:
+                beta = float(part[len("beta=") :])
+            except ValueError:
+                raise ValueError(f"{part!r} in reward term {term!r} is not a number; {SPEC_HELP}") from None
+        elif part:
+            paths.append(part)
+    if not 1 <= len(paths) <= 2:
+        raise ValueError(f"reward term {term!r}: expected 'dpo:DIR[:REF_DIR][:beta=B]'; {SPEC_HELP}")
+    return DPOImplicitRewardSource(paths[0], paths[1] if len(paths) == 2 else None, beta=beta, device=device)
 
 
 def build_reward_source(spec: str, device: str | torch.device | None = None) -> RewardSource:

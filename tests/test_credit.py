@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlxf.credit import (
+    CreditConfig,
     Segment,
     agreement_mask,
     centred_mean,
@@ -15,7 +16,9 @@ from rlxf.credit import (
     merge_short,
     segment,
     step_boundaries,
+    weighted_sequence_logprobs,
 )
+from rlxf.logprobs import sequence_logprobs
 
 # Spec §4 worked example (the batch is this one sequence).
 WORKED = [0.6, 0.5, 0.7, 0.4, -0.1, 0.5, -0.9, -1.2, -0.8, 0.3, 0.6, 0.5, 0.2, -0.6, 0.4]
@@ -299,3 +302,55 @@ def test_segment_namedtuple_and_float32():
     (segs,) = segment(r, m)
     assert isinstance(segs[0], Segment) and segs[0].reward.dtype == torch.float32
     assert _bits(agreement_mask(r, m, torch.tensor([1]))[0]) == "111110000011111"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss side: weighted log-prob sums (spec §2.6)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_weighted_logprobs_by_hand():
+    # V = 2, logits [0, 0] -> log π = log ½ for either token; logits [ln 3, 0] -> log π(0) = log ¾.
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]], dtype=torch.float64)  # (1, 3, 2)
+    labels = torch.tensor([[1, 0, 7]])  # the last label is junk: its weight is 0
+    weight = torch.tensor([[1.0, 1.0, 0.0]])
+    # Σ w log π = log ½ + log ¾
+    torch.testing.assert_close(
+        weighted_sequence_logprobs(logits, labels, weight), torch.tensor([math.log(0.5) + math.log(0.75)])
+    )
+
+
+def test_weighted_logprobs_match_loop_and_unmasked_sum_exactly():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    mask = torch.arange(6) < torch.tensor([[6], [4], [1]])  # (3, 6) right padding
+    weight = (torch.rand(3, 6, generator=g) < 0.6) & mask
+    got = weighted_sequence_logprobs(logits, labels, weight.double())
+    naive = []
+    for b in range(3):  # plain loop twin: Σ over kept tokens of logit[label] − logsumexp(logits)
+        total = 0.0
+        for t in range(6):
+            if weight[b, t]:
+                row = logits[b, t].tolist()
+                total += row[labels[b, t]] - math.log(sum(math.exp(x) for x in row))
+        naive.append(total)
+    torch.testing.assert_close(got, torch.tensor(naive, dtype=torch.float32))
+    # weight = the mask as float: the unmasked sum bit for bit (masked DPO with an all-ones mask is plain DPO)
+    x = logits.float()
+    assert torch.equal(weighted_sequence_logprobs(x, labels, mask.float()), sequence_logprobs(x, labels, mask))
+
+
+def test_weighted_logprobs_gradient_is_zero_on_masked_tokens():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 7, generator=g, requires_grad=True)
+    weight = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0, 0.0]])
+    weighted_sequence_logprobs(logits, torch.randint(0, 7, (2, 5), generator=g), weight).sum().backward()
+    per_position = logits.grad.abs().sum(-1)  # (2, 5)
+    assert (per_position[weight == 0] == 0).all() and (per_position[weight == 1] > 0).all()
+
+
+def test_credit_config_validates_and_gives_options():
+    with pytest.raises(ValueError, match="granularity 'segments'"):
+        CreditConfig(granularity="segments")
+    assert CreditConfig(tau=0.2, window=5).options == {"tau": 0.2, "tau_scale": 0.1, "window": 5, "min_len": 2}

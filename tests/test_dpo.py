@@ -124,3 +124,174 @@ def test_short_dpo_run_raises_the_margin_and_changes_every_parameter(factworld_m
     assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())] == []
     assert (tmp_path / "final" / "config.json").is_file()
     assert "eval/rewards_margins" in result["eval"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Masked DPO (rlxf-ASR "ADPO", spec adaptive_segment_reward.md §2.6)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _encoded_pairs(model_dir, world, n=4):
+    from rlxf.data import load_preferences
+    from rlxf.tokenization import encode_preferences
+    from rlxf.trainers.common import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    return encode_preferences(load_preferences(world / "preferences_train.jsonl")[:n], tok), tok.pad_token_id
+
+
+def _with_weights(rows, seed=None):
+    """Copies of the rows with keep-masks: all ones, or random 0/1 (seeded)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    out = []
+    for r in rows:
+        w = {}
+        for side in ("chosen", "rejected"):
+            n = len(r[f"{side}_ids"])
+            w[f"{side}_weight"] = [1.0] * n if g is None else (torch.rand(n, generator=g) < 0.5).float().tolist()
+        out.append({**r, **w})
+    return out
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_all_ones_mask_is_plain_dpo_exactly(factworld_model_dir, factworld_dir, pack):
+    from transformers import AutoModelForCausalLM
+
+    from rlxf.trainers.dpo import cache_reference_logps, collate_dpo, dpo_batch_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(factworld_model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(factworld_model_dir)
+    with torch.no_grad():  # a policy that differs from the reference, so h ≠ 0
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    rows, pad_id = _encoded_pairs(factworld_model_dir, factworld_dir)
+    ones = _with_weights(rows)
+    cfg = DPOConfig(beta=0.3, sft_weight=0.5)
+    for r in (rows, ones):
+        cache_reference_logps(ref, r, pad_id, 4, "cpu", "ref", pack)
+    assert [r["ref_chosen_logp"] for r in rows] == [r["ref_chosen_logp"] for r in ones]
+    plain, plain_m = dpo_batch_loss(model, None, collate_dpo(rows, pad_id, False, pack), cfg)
+    masked, masked_m = dpo_batch_loss(model, None, collate_dpo(ones, pad_id, False, pack), cfg)
+    assert torch.equal(plain, masked) and all(torch.equal(plain_m[k], masked_m[k]) for k in plain_m)
+    live, _ = dpo_batch_loss(model, ref, collate_dpo(ones, pad_id, False, pack), cfg)  # live reference, masked live
+    assert torch.equal(plain, live)
+
+
+def test_masked_dpo_by_hand_and_pack_matches_padded(factworld_model_dir, factworld_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rlxf.logprobs import token_logprobs
+    from rlxf.trainers.dpo import collate_dpo, response_logps
+
+    model = AutoModelForCausalLM.from_pretrained(factworld_model_dir).eval()
+    rows, pad_id = _encoded_pairs(factworld_model_dir, factworld_dir)
+    rows = _with_weights(rows, seed=0)
+    with torch.no_grad():
+        padded, padded_w = response_logps(model, collate_dpo(rows, pad_id, False, pack=False))
+        packed, packed_w = response_logps(model, collate_dpo(rows, pad_id, False, pack=True))
+        # naive twin: each sequence alone, Σ over kept tokens of log π(y_t)
+        expected = []
+        for side in ("chosen", "rejected"):
+            for r in rows:
+                seq = torch.tensor([r["prompt_ids"] + r[f"{side}_ids"]])
+                lp = token_logprobs(model(seq).logits[:, :-1], seq[:, 1:])[0]  # (L-1,)
+                p = len(r["prompt_ids"])
+                expected.append(sum(w * lp[p - 1 + t].item() for t, w in enumerate(r[f"{side}_weight"])))
+    torch.testing.assert_close(padded, torch.tensor(expected))
+    torch.testing.assert_close(packed, padded)  # same log-probs up to float rounding (packing's contract)
+    weights = [sum(r["chosen_weight"]) for r in rows] + [sum(r["rejected_weight"]) for r in rows]
+    assert padded_w.tolist() == weights == packed_w.tolist()
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_masked_dpo_gradient_is_zero_on_masked_tokens(factworld_model_dir, factworld_dir, pack):
+    from transformers import AutoModelForCausalLM
+
+    from rlxf.trainers.dpo import cache_reference_logps, collate_dpo, dpo_batch_loss
+
+    model = AutoModelForCausalLM.from_pretrained(factworld_model_dir)
+    rows, pad_id = _encoded_pairs(factworld_model_dir, factworld_dir)
+    rows = _with_weights(rows, seed=1)
+    cache_reference_logps(model, rows, pad_id, 4, "cpu", "ref", pack)
+    captured = {}
+
+    def keep_logits(module, args, output):  # the LM head's output is the logits
+        output.retain_grad()
+        captured["logits"] = output
+
+    model.lm_head.register_forward_hook(keep_logits)
+    batch = collate_dpo(rows, pad_id, False, pack)
+    loss, _ = dpo_batch_loss(model, None, batch, DPOConfig(beta=0.5, sft_weight=1.0))
+    loss.backward()
+    grad = captured["logits"].grad.abs().sum(-1)  # (rows, L)
+    if pack:  # the position predicting each response token, with that token's weight
+        per_target = grad.flatten()[batch["target_index"]]
+        weight = batch["target_weight"]
+    else:  # position j predicts token j + 1
+        per_target = grad[:, :-1][batch["response_mask"][:, 1:].bool()]
+        weight = batch["token_weight"][:, 1:][batch["response_mask"][:, 1:].bool()]
+    assert (weight == 0).any() and (weight == 1).any()
+    assert (per_target[weight == 0] == 0).all() and (per_target[weight == 1] > 0).all()
+
+
+def test_masked_dpo_needs_token_rewards():
+    from rlxf.credit import CreditConfig
+
+    with pytest.raises(ValueError, match="needs credit.token_reward"):
+        DPOConfig(credit=CreditConfig(granularity="segment"))
+
+
+def test_short_masked_dpo_run_on_factworld(factworld_model_dir, factworld_dir, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from rlxf.credit import CreditConfig
+
+    model = AutoModelForCausalLM.from_pretrained(factworld_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    credit = CreditConfig(granularity="segment", token_reward=f"factworld:{factworld_dir}:token")
+    cfg = _cfg(factworld_model_dir, factworld_dir, tmp_path / "run", beta=0.5, credit=credit,
+               eval_file=str(factworld_dir / "preferences_test.jsonl"),
+               train={"max_steps": 8, "batch_size": 16, "per_device_batch_size": 16, "lr": 3e-3})  # fmt: skip
+    hist = train_dpo(cfg, model=model)["history"]
+    losses = hist["loss/dpo"]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())] == []
+    # the masks keep part of each side; the pre-training metrics are logged once, at step 0
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and 0 < first["asr/kept_frac_chosen"] < 1 and 0 < first["asr/kept_frac_rejected"] < 1
+    for key in ("asr/dropped_pairs", "asr/one_sided_pairs", "asr/tau", "asr/segments_per_seq", "asr/mean_segment_len"):
+        assert len(hist[key]) == 1 and math.isfinite(hist[key][0])
+    assert hist["asr/segments_per_seq"][0] > 1  # FactWorld responses mix right and wrong facts
+
+
+def zero_rewards(prompts, texts):
+    return [[] for _ in texts]  # no span: every token reward is 0, so no segment agrees with any label
+
+
+def test_masked_dpo_with_no_signal_drops_every_pair(factworld_model_dir, factworld_dir, tmp_path):
+    from rlxf.credit import CreditConfig
+
+    credit = CreditConfig(granularity="token", token_reward=f"callable:{__name__}:zero_rewards")
+    with pytest.raises(ValueError, match="every training pair lost both masks"):
+        train_dpo(_cfg(factworld_model_dir, factworld_dir, tmp_path, credit=credit))
+
+
+def positive_rewards(prompts, texts):
+    return [[(0, len(t), 1.0)] for t in texts]  # +1 on each response's last text token, 0 elsewhere
+
+
+def test_all_positive_rewards_keep_chosen_whole_and_every_pair_one_sided(factworld_model_dir, factworld_dir, tmp_path):
+    # spec §4: token rewards ≥ 0 with a positive segment mean give a full chosen mask and an empty rejected mask;
+    # the pair is kept (one-sided), never dropped
+    from rlxf.credit import CreditConfig
+
+    credit = CreditConfig(granularity="segment", token_reward=f"callable:{__name__}:positive_rewards")
+    hist = train_dpo(_cfg(factworld_model_dir, factworld_dir, tmp_path, credit=credit, train={"max_steps": 1}))[
+        "history"
+    ]
+    n_pairs = len((factworld_dir / "preferences_train.jsonl").read_text().splitlines())
+    assert hist["asr/kept_frac_chosen"] == [1.0] and hist["asr/kept_frac_rejected"] == [0.0]
+    assert hist["asr/one_sided_pairs"] == [n_pairs] and hist["asr/dropped_pairs"] == [0.0]

@@ -9,6 +9,7 @@ from rlxf.models.reward_model import RewardModel
 from rlxf.models.tiny import train_tokenizer
 from rlxf.reward_sources import (
     CallableSource,
+    DPOImplicitRewardSource,
     FactWorldGoldSource,
     RewardModelSource,
     WeightedSum,
@@ -215,6 +216,71 @@ def test_reward_model_rejects_another_tokenizer(rm_dir, bpe):
         RewardModelSource(rm_dir, device="cpu")([{"prompt": "q"}], [encode(bpe, " red")], [" red"], bpe)
 
 
+# --------------------------------------------------------------------------------------------- DPO implicit rewards
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_model_dir):
+    """A fake `rlxf dpo` run: OUT/final holds a policy (the tiny model with perturbed weights), OUT/config.json names
+    the reference (the tiny model) and β = 0.3."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("dpo-run")
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    policy.save_pretrained(out / "final")
+    load_tokenizer(tiny_model_dir).save_pretrained(out / "final")
+    (out / "config.json").write_text(f'{{"model": "{tiny_model_dir}", "ref_model": "", "beta": 0.3}}')
+    return out
+
+
+def test_dpo_implicit_rewards_match_per_sequence_loop(dpo_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(dpo_run / "final").eval()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [{"prompt": "what colour is the cat?"}, {"prompt": "the dog"}, {"prompt": "a"}]
+    texts = [" red.", " is blue and red", " fish"]
+    ids = [encode(tok, texts[0]), encode(tok, texts[1], eos=False), encode(tok, texts[2])]
+    prompt_ids = [[tok.bos_token_id, *encode(tok, p["prompt"], eos=False)] for p in prompts]
+
+    source = DPOImplicitRewardSource(dpo_run / "final", device="cpu", batch_size=2)  # 2 batches, one padded
+    assert source.beta == 0.3 and source.ref_dir == tiny_model_dir  # both from OUT/config.json
+    rewards, mask = source(prompts, ids, texts, tok)
+    assert mask.sum(-1).tolist() == [len(r) for r in ids]
+    for b, (p, r) in enumerate(zip(prompt_ids, ids)):
+        seq = torch.tensor([p + r])
+        with torch.no_grad():  # naive twin: each sequence alone, no padding; token y_t is predicted at len(p) + t − 1
+            lp = policy(seq).logits[0].double().log_softmax(-1)
+            lr = ref(seq).logits[0].double().log_softmax(-1)
+        expected = [0.3 * (lp[len(p) + t - 1, y] - lr[len(p) + t - 1, y]).item() for t, y in enumerate(r)]
+        torch.testing.assert_close(rewards[b, : len(r)], torch.tensor(expected, dtype=torch.float32))
+        assert not rewards[b, len(r) :].any()
+        # the per-token rewards sum to the sequence's implicit DPO reward β·(log π(y|x) − log π_ref(y|x))
+        total = 0.3 * sum(lp[len(p) + t - 1, y].item() - lr[len(p) + t - 1, y].item() for t, y in enumerate(r))
+        torch.testing.assert_close(rewards[b].sum(), torch.tensor(total, dtype=torch.float32))
+
+
+def test_dpo_spec_reference_and_beta(dpo_run, tiny_model_dir, tmp_path):
+    source = build_reward_source(f"dpo:{dpo_run / 'final'}", device="cpu")
+    assert isinstance(source, DPOImplicitRewardSource) and source.beta == 0.3
+    source = build_reward_source(f"dpo:{dpo_run / 'final'}:{tiny_model_dir}:beta=0.5", device="cpu")
+    assert source.beta == 0.5 and source.ref_dir == tiny_model_dir
+    # a model dir without a run config: β defaults to 0.1, and the reference must be named
+    assert build_reward_source(f"dpo:{tiny_model_dir}:{dpo_run / 'final'}", device="cpu").beta == 0.1
+    with pytest.raises(ValueError, match="needs its reference model"):
+        build_reward_source(f"dpo:{tiny_model_dir}", device="cpu")
+    # the rewards of a model against itself are 0
+    tok = load_tokenizer(tiny_model_dir)
+    same = build_reward_source(f"dpo:{tiny_model_dir}:{tiny_model_dir}", device="cpu")
+    rewards, _ = same([{"prompt": "the cat"}], [encode(tok, " red")], [" red"], tok)
+    assert not rewards.any()
+
+
 # --------------------------------------------------------------------------------------------- sums and specs
 
 
@@ -248,7 +314,10 @@ def test_build_reward_source_parses_specs(factworld_dir, rm_dir):
     [
         ("", ValueError, "empty reward spec"),
         ("rm", ValueError, "no 'KIND:ARGS'"),
-        ("gold:runs/x", ValueError, r"unknown reward kind 'gold'.*\['callable', 'factworld', 'rm'\]"),
+        ("gold:runs/x", ValueError, r"unknown reward kind 'gold'.*\['callable', 'dpo', 'factworld', 'rlaif', 'rm'\]"),
+        ("dpo:/nonexistent/dpo", FileNotFoundError, "does not exist"),
+        ("dpo:a:b:c", ValueError, r"expected 'dpo:DIR\[:REF_DIR\]\[:beta=B\]'"),
+        ("dpo:a:beta=x", ValueError, "'beta=x'.*not a number"),
         ("callable:nomodule_xyz:fn", ImportError, "cannot import module 'nomodule_xyz'"),
         (f"callable:{__name__}:nope", AttributeError, "has no attribute 'nope'"),
         (f"abc*callable:{__name__}:reward_scalar", ValueError, "weight 'abc'.*not a number"),
@@ -259,3 +328,14 @@ def test_build_reward_source_parses_specs(factworld_dir, rm_dir):
 def test_build_reward_source_errors(spec, error, match):
     with pytest.raises(error, match=match):
         build_reward_source(spec)
+
+
+def test_rlaif_spec_builds_a_direct_score_source(tiny_model_dir):
+    """'rlaif:DIR?task=helpful' is d-RLAIF through the reward contract: one scalar in [-1, 1] on the last token."""
+    from rlxf.feedback.direct import DirectScoreSource
+
+    source = build_reward_source(f"rlaif:{tiny_model_dir}?task=helpful")
+    assert isinstance(source, DirectScoreSource)
+    rewards, mask = source([{"prompt": "Human: hi"}] * 2, [[5, 6, 7], [8]], ["a reply", "b"], tokenizer=None)
+    assert rewards.shape == mask.shape == (2, 3)
+    assert rewards[0, :2].abs().sum() == 0 and -1 <= float(rewards[0, 2]) <= 1 and -1 <= float(rewards[1, 0]) <= 1

@@ -2,7 +2,15 @@
 
 Chosen and rejected sequences go through the policy in one forward pass (2B rows, chosen first). The reference
 model's log-probs are computed once before training and cached (default), or recomputed every step ("live").
-Shapes: B pairs, L sequence length, V vocab.
+
+Masked DPO ("ADPO", rlxf-ASR, arXiv:2411.00809; spec adaptive_segment_reward.md §2.6). With `credit.granularity`
+other than 'sequence', token rewards from `credit.token_reward` are computed once per pair before training, and each
+response gets a keep-mask: chosen (label +1) keeps its tokens whose segment reward is > 0, rejected (label −1) those
+whose segment reward is < 0 (`rlxf.credit.agreement_mask`). The masks are stored in the rows; the loss sums the
+policy's AND the reference's log-probs over kept tokens only, h = Σ_t m_t (log π_θ(y_t) − log π_ref(y_t)), then
+applies the usual DPO loss. A pair whose two masks are both empty is dropped; one-sided pairs are kept.
+
+Shapes: B pairs, L sequence length, V vocab, N response tokens of a packed micro-batch.
 """
 
 from __future__ import annotations
@@ -16,13 +24,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from rlxf.credit import CreditConfig, weighted_sequence_logprobs
 from rlxf.data import load_preferences
 from rlxf.engine import Engine, TrainConfig
 from rlxf.logprobs import sequence_logprobs, shift_for_next_token
 from rlxf.losses import dpo_loss
 from rlxf.packing import check_packing_supported, pack_pairs, packed_sequence_logprobs
 from rlxf.tokenization import encode_preferences, pad
-from rlxf.trainers.common import load_encoded, load_tokenizer
+from rlxf.trainers.common import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -60,25 +69,59 @@ class DPOConfig:
     token positions); needs the 'sdpa' or 'eager' attention implementation."""
     reference: Literal["cached", "live"] = "cached"
     """'cached' computes reference log-probs once before training; 'live' keeps a frozen copy and recomputes."""
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    """Which response tokens DPO trains on. 'sequence' (default): all of them (plain DPO). 'token' / 'step' /
+    'segment': masked DPO (rlxf-ASR): token rewards from `credit.token_reward` (required then) are computed once per
+    pair; chosen keeps the tokens of positive-reward segments, rejected those of negative-reward ones; the mask
+    multiplies the policy and the reference log-probs; τ comes from the chosen + rejected rewards of blocks of
+    `train.batch_size` pairs in file order (or `credit.tau` when set)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
+
+    def __post_init__(self) -> None:
+        if self.credit.granularity != "sequence" and not self.credit.token_reward:
+            raise ValueError(
+                f"credit.granularity={self.credit.granularity!r} needs credit.token_reward, a reward spec whose token "
+                "rewards are segmented, e.g. 'rm:runs/rm/final:token', 'dpo:runs/dpo0/final' or "
+                "'factworld:runs/factworld:token' (or use credit.granularity='sequence' for plain DPO)"
+            )
 
 
 def collate_dpo(rows: list[dict[str, Any]], pad_id: int, use_label_prob: bool, pack: bool = False) -> dict[str, Any]:
     """2B right-padded sequences (chosen rows first) and their response masks, or the pairs packed (see
-    `rlxf.packing`); cached reference log-probs. `num_tokens` counts the tokens of the 2B sequences either way."""
+    `rlxf.packing`); cached reference log-probs. `num_tokens` counts the tokens of the 2B sequences either way.
+
+    Rows with ASR keep-masks (`chosen_weight`, `rejected_weight`: one weight per response token) add the token
+    weights: `token_weight` (2B, L) float aligned with `input_ids` (0 on prompt and padding), or, packed,
+    `target_weight` (N,) aligned with `target_index`."""
     batch: dict[str, Any] = {
         "num_units": len(rows),
         "num_tokens": sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
     }
+    weighted = "chosen_weight" in rows[0]
+    weights = [r["chosen_weight"] for r in rows] + [r["rejected_weight"] for r in rows] if weighted else []
     if pack:
         batch |= pack_pairs(rows, pad_id)
+        if weighted:
+            # Targets of one sequence appear in order (token 0, 1, ...), so a running count per sequence finds each
+            # target's token. O(N) in Python, once per micro-batch.
+            seen = [0] * len(weights)
+            target_weight = []
+            for seq in batch["target_seq"].tolist():
+                target_weight.append(weights[seq][seen[seq]])
+                seen[seq] += 1
+            batch["target_weight"] = torch.tensor(target_weight, dtype=torch.float32)  # (N,)
     else:
         seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
         responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
         masks = [[0] * (len(s) - len(resp)) + [1] * len(resp) for s, resp in zip(seqs, responses)]
         batch["input_ids"], batch["attention_mask"] = pad(seqs, pad_id, side="right")
         batch["response_mask"], _ = pad(masks, 0, side="right")
+        if weighted:
+            token_weight = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)  # (2B, L)
+            for b, (s, w) in enumerate(zip(seqs, weights)):
+                token_weight[b, len(s) - len(w) : len(s)] = torch.tensor(w, dtype=torch.float32)
+            batch["token_weight"] = token_weight
     if "ref_chosen_logp" in rows[0]:
         batch["ref_logps"] = torch.tensor(
             [r["ref_chosen_logp"] for r in rows] + [r["ref_rejected_logp"] for r in rows], dtype=torch.float32
@@ -88,13 +131,32 @@ def collate_dpo(rows: list[dict[str, Any]], pad_id: int, use_label_prob: bool, p
     return batch
 
 
+def packed_weighted_logprobs(
+    logits: torch.Tensor, batch: dict[str, Any], num_sequences: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`packed_sequence_logprobs` with token weights: Σ_t w_t log π(y_t) and Σ_t w_t per sequence, (R, L, V) ->
+    (2B,), (2B,). With all weights 1 it is the same computation, so the same numbers bit for bit."""
+    picked = logits.flatten(0, 1)[batch["target_index"]].float()  # (R*L, V) -> (N, V)
+    logps = picked.gather(-1, batch["target_ids"][:, None]).squeeze(-1) - picked.logsumexp(-1)  # (N,)
+    w = batch["target_weight"]  # (N,)
+    sums = logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], logps * w)  # (2B,)
+    return sums, logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], w)
+
+
 def response_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the response tokens (2B,) and the response token counts (2B,)."""
+    """Summed log-probs of the response tokens (2B,) and the response token counts (2B,); with ASR token weights in
+    the batch, the weighted sums Σ_t w_t log π(y_t) and the weight sums Σ_t w_t."""
     if "target_index" in batch:  # packed pairs
         kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-        return packed_sequence_logprobs(model(**kwargs).logits, batch, 2 * batch["num_units"])  # (R, L, V) -> (2B,)
+        logits = model(**kwargs).logits  # (R, L, V)
+        if "target_weight" in batch:
+            return packed_weighted_logprobs(logits, batch, 2 * batch["num_units"])
+        return packed_sequence_logprobs(logits, batch, 2 * batch["num_units"])  # (R, L, V) -> (2B,)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, L, V)
     logits, labels, mask = shift_for_next_token(logits, batch["input_ids"], batch["response_mask"])
+    if "token_weight" in batch:
+        weight = batch["token_weight"][:, 1:]  # (2B, L-1), aligned like the mask
+        return weighted_sequence_logprobs(logits, labels, weight), weight.sum(-1)
     return sequence_logprobs(logits, labels, mask), mask.sum(-1)
 
 
@@ -154,24 +216,114 @@ def dpo_batch_loss(
     return losses.sum(), metrics
 
 
+RESPONSE_FIELDS = ("chosen", "rejected")
+
+
+def scoring_prompt_row(raw: dict[str, Any], encoded: dict[str, Any]) -> dict[str, Any]:
+    """What a reward source reads about a pair's prompt: the loaded row's columns (prompt text, metadata such as
+    FactWorld's) without the responses, and the encoded (possibly cut) `prompt_ids` the policy sees."""
+    return {k: v for k, v in raw.items() if k not in RESPONSE_FIELDS} | {"prompt_ids": encoded["prompt_ids"]}
+
+
+def assign_pair_credit(
+    rows: list[dict[str, Any]],
+    prompt_rows: list[dict[str, Any]],
+    tokenizer: Any,
+    credit: CreditConfig,
+    source: Any,
+    block: int,
+) -> dict[str, float]:
+    """ASR keep-masks of every pair, stored in the rows as `chosen_weight` / `rejected_weight` (one 0/1 weight per
+    response token); returns the summed counts (`rlxf.credit_view.credit_counts`, plus `one_sided_pairs` and
+    `dropped_pairs`: both masks empty).
+
+    Pairs are taken in blocks of `block` (file order); a block's 2·block responses (chosen label +1, rejected −1)
+    are scored by `source` in one call and share one τ (spec §2.4 step 2: chosen and rejected together).
+    """
+    from rlxf.credit_view import assign_credit, credit_counts
+
+    totals: dict[str, float] = {"one_sided_pairs": 0.0, "dropped_pairs": 0.0}
+    for start in range(0, len(rows), block):
+        chunk, prompts = rows[start : start + block], prompt_rows[start : start + block]
+        n = len(chunk)
+        labels = [1] * n + [-1] * n
+        ids = [r["chosen_ids"] for r in chunk] + [r["rejected_ids"] for r in chunk]
+        rc = assign_credit(credit, labels, ids, tokenizer, source=source, prompt_rows=prompts + prompts)
+        keep = rc.keep.float()  # (2n, T)
+        for i, row in enumerate(chunk):
+            row["chosen_weight"] = keep[i, : len(row["chosen_ids"])].tolist()
+            row["rejected_weight"] = keep[n + i, : len(row["rejected_ids"])].tolist()
+        kept_c, kept_r = rc.keep[:n].any(-1), rc.keep[n:].any(-1)  # (n,) each
+        totals["one_sided_pairs"] += float((kept_c ^ kept_r).sum())
+        totals["dropped_pairs"] += float((~kept_c & ~kept_r).sum())
+        for k, v in credit_counts(rc, labels).items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals
+
+
 def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Align `cfg.model` on preference pairs with DPO; returns the metric history and the last evaluation."""
+    """Align `cfg.model` on preference pairs with DPO (masked by `cfg.credit`); returns the metric history and the
+    last evaluation."""
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(cfg.model)
     out = Path(cfg.out)
 
-    def encoded(path: str, split: str) -> list[dict[str, Any]]:
-        lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
-        return load_encoded(
-            load_preferences, encode_preferences, path, tokenizer, out, split, cfg.on_bad_row, **lengths
+    def encoded(path: str, split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Encoded pairs and, for each, the prompt row a token-reward source reads. In skip mode the rows rejected
+        when loading or encoding go to `rejected_<split>.jsonl` / `rejected_tokenized_<split>.jsonl` in `out`."""
+        raw = load_preferences(path, on_bad_row=cfg.on_bad_row, rejected_path=out / f"rejected_{split}.jsonl")
+        enc = encode_preferences(
+            raw,
+            tokenizer,
+            on_bad_row=cfg.on_bad_row,
+            rejected_path=out / f"rejected_tokenized_{split}.jsonl",
+            max_length=cfg.max_length,
+            max_prompt_length=cfg.max_prompt_length,
         )
+        by_origin = {r["_origin"]: r for r in raw}
+        return enc, [scoring_prompt_row(by_origin[r["_origin"]], r) for r in enc]
 
-    rows = encoded(cfg.train_file, "train")
-    eval_rows = encoded(cfg.eval_file, "eval") if cfg.eval_file else []
+    rows, prompt_rows = encoded(cfg.train_file, "train")
+    eval_rows, eval_prompt_rows = encoded(cfg.eval_file, "eval") if cfg.eval_file else ([], [])
+
+    # ASR: token rewards and keep-masks, once per pair, before the reference log-probs (which use the masks).
+    asr_metrics: dict[str, float] = {}
+    if cfg.credit.granularity != "sequence":
+        from rlxf.credit_view import credit_metrics
+        from rlxf.reward_sources import build_reward_source
+
+        source = build_reward_source(cfg.credit.token_reward)
+        for split, split_rows, split_prompts in (("train", rows, prompt_rows), ("eval", eval_rows, eval_prompt_rows)):
+            if not split_rows:
+                continue
+            counts = assign_pair_credit(split_rows, split_prompts, tokenizer, cfg.credit, source, cfg.train.batch_size)
+            metrics = credit_metrics(counts) | {
+                "asr/dropped_pairs": counts["dropped_pairs"],
+                "asr/one_sided_pairs": counts["one_sided_pairs"],
+            }
+            logger.info(
+                "ASR masks (%s, %s granularity, token rewards %s): %s",
+                split,
+                cfg.credit.granularity,
+                cfg.credit.token_reward,
+                ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+            )
+            if split == "train":
+                asr_metrics = metrics
+        del source  # a reward model or DPO pair of models: free it before training
+        rows = [r for r in rows if any(r["chosen_weight"]) or any(r["rejected_weight"])]
+        eval_rows = [r for r in eval_rows if any(r["chosen_weight"]) or any(r["rejected_weight"])]
+        if not rows:
+            raise ValueError(
+                f"every training pair lost both masks (credit.granularity={cfg.credit.granularity!r}, token rewards "
+                f"{cfg.credit.token_reward}): nothing to train on; check the token rewards with `rlxf segments show`"
+            )
     pad_id = tokenizer.pad_token_id
     engine = Engine(cfg.train, out, model, num_examples=len(rows), config_dict=asdict(cfg))
     policy = engine.model
+    if asr_metrics and engine.step == 0:
+        engine.log(asr_metrics)  # once, at step 0: what the masks keep of the training pairs
 
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
     ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model).to(engine.device).eval()

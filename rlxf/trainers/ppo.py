@@ -127,6 +127,9 @@ class PPOConfig:
     """Policy and value losses averaged over the minibatch's tokens, or per response then over responses."""
     credit: CreditConfig = field(default_factory=CreditConfig)
     """Credit assignment: which response tokens the policy loss trains on (see `rlxf.credit`)."""
+    gold_world: str = ""
+    """FactWorld directory whose gold score of the rollouts is logged (`rewards/gold`), never trained on; a
+    `factworld:` reward logs it anyway."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
     train: TrainConfig = field(
@@ -247,6 +250,7 @@ def rollout(
     credit_source: RewardSource | None,
     cfg: PPOConfig,
     seed: int,
+    world: Any = None,
 ) -> dict[str, Any]:
     """Steps 2-4 for one micro-batch of prompts: per-response lists (ids, rewards, old log-probs, values, KL, ...)."""
     policy = engine.unwrap().policy
@@ -306,7 +310,6 @@ def rollout(
     }
     if credit_rewards is not None:
         out["credit_rewards"] = [credit_rewards[b, : n[b]].float() for b in range(len(n))]
-    world = getattr(source, "world", None)
     if world is not None:
         out["gold"] = [world.score(row, text).score for row, text in zip(prompt_rows, texts)]
     return out
@@ -446,6 +449,11 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
         cfg.train, out, actor_critic, num_examples=len(rows), config_dict=asdict(cfg), param_groups=param_groups
     )
     source = build_reward_source(cfg.reward, device=engine.device)
+    world = getattr(source, "world", None)
+    if world is None and cfg.gold_world:
+        from rlxf.worlds.factworld import load_factworld
+
+        world = load_factworld(cfg.gold_world)
     credit_source = build_reward_source(cfg.credit.token_reward, engine.device) if cfg.credit.token_reward else None
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
     ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model).to(engine.device).eval()
@@ -462,7 +470,9 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
         traj: dict[str, list] = {}
         for i, mb in enumerate(micro_batches):
             seed = ((cfg.train.seed * 1_000_003 + engine.step) * 1_000 + i) * 100 + engine.rank
-            for key, values in rollout(engine, ref, mb["rows"], tokenizer, source, credit_source, cfg, seed).items():
+            for key, values in rollout(
+                engine, ref, mb["rows"], tokenizer, source, credit_source, cfg, seed, world
+            ).items():
                 traj.setdefault(key, []).extend(values)
         # 5-6. advantages, returns and the credit mask over the whole rollout
         tensors, credit_stats = advantages_and_masks(traj, cfg, kl_ctl.value, tokenizer)
