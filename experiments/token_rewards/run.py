@@ -69,6 +69,7 @@ def ppo_run(args, base: dict[str, Path], name: str, spec: str, seed: int, out: P
         prompts_file=str(base["world"] / "prompts_train.jsonl"),
         reward=spec.format(world=base["world"], rm=base["rm"]),
         out=str(out),
+        gold_world=str(base["world"]),  # logged only: the RM run never sees the gold score
         shared_value_head=True,
         value_lr=args.value_lr,
         k=args.k,
@@ -85,9 +86,14 @@ def ppo_run(args, base: dict[str, Path], name: str, spec: str, seed: int, out: P
             report_to="none",
         ),
     )
+    done = out / "run.json"
+    if done.exists() and (out / "final" / "config.json").exists():  # finished earlier: reuse (delete to redo)
+        return json.loads(done.read_text())
     start = time.perf_counter()
     result = train_ppo(cfg)
-    return {"history": result["history"], "seconds": time.perf_counter() - start}
+    record = {"history": result["history"], "seconds": time.perf_counter() - start}
+    done.write_text(json.dumps(record))
+    return record
 
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -144,6 +150,7 @@ def main() -> None:
     ]
     names = ["sft"] + [f"{name}|{seed}" for name in REWARDS for seed in args.seeds]
     logger.info("held-out evaluation of %d policies", len(policies))
+    eval_start = time.perf_counter()
     summary = run_eval(
         EvalConfig(
             policies=policies,
@@ -156,6 +163,7 @@ def main() -> None:
         )
     )
     evals = dict(zip(names, summary["policies"].values()))
+    eval_seconds = time.perf_counter() - eval_start
 
     rollouts_per_step = args.prompts_per_step * args.k
     curves = {name: [runs[name][s]["history"]["rewards/gold"] for s in args.seeds] for name in REWARDS}
@@ -188,7 +196,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    block = render(table, sft, args, results["total_seconds"])
+    compute = base_seconds + sum(r["seconds"] for per_seed in runs.values() for r in per_seed.values())
+    results["compute_seconds"] = compute + eval_seconds
+    block = render(table, sft, args, results["compute_seconds"])
     print(block)
     if not args.no_readme:
         readme = HERE / "README.md"
@@ -210,7 +220,9 @@ def render(table: dict, sft: dict, args, seconds: float) -> str:
     return (
         f"Seeds {args.seeds}, {args.steps} rollouts of {args.prompts_per_step} prompts × k={args.k}, lr {args.lr}, "
         f"critic lr {args.value_lr}, β {args.kl_coef}; mean ± sd over seeds; held-out: 200 prompts × "
-        f"{args.eval_samples} samples. Total {seconds / 60:.1f} min.\n\n" + "\n".join(lines) + "\n\n"
+        f"{args.eval_samples} samples. Compute {seconds / 60:.1f} min (PPO runs + evaluation; base not counted when reused).\n\n"
+        + "\n".join(lines)
+        + "\n\n"
         "![gold vs rollouts](figures/gold_vs_rollouts.png)\n"
     )
 
