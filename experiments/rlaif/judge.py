@@ -1,0 +1,244 @@
+"""A FactWorld judge: fine-tune the tiny SFT policy to answer the RLAIF labelling prompt (issue 7, part 7).
+
+FactWorld has no real LLM judge, so this recipe makes one from simulated-human labels:
+
+1. The judge's training pairs are the world's own human-labelled `preferences_train.jsonl` (noisy responses written
+   by the world, labelled by the simulated human). The pairs the judge will label later are the base's `pairs.jsonl`
+   (fresh samples of the SFT policy): any pair that occurs in both (same prompt, same two responses, in either
+   order) is removed from the training data, and the two sets are then asserted disjoint.
+2. Every training pair becomes two SFT rows, one per presentation order. The prompt is the exact labelling prompt
+   that `rlxf label` builds (`rlxf.feedback.label.build_template` + `rlxf.feedback.prompts.build_prompt`, on the text
+   triples `run_label` makes: `as_text(...).strip()`), with a short FactWorld preamble (a preamble file), task
+   "helpful", no chain of thought, 0-shot. The completion is the label token of the slot the simulated human chose:
+   "1" when the chosen response is shown first, "2" when it is shown second. With both orders in the data, a rule
+   such as "always answer 1" scores exactly chance, so the judge can only fit the labels by reading the answers.
+3. The judge is `rlxf.trainers.sft.train_sft` from the base SFT policy (which already knows the world's facts, with
+   SFT's noise), with `max_length` = the model's context (`max_position_embeddings`); prompts that would not fit are
+   an error, never silently truncated.
+
+    .venv/bin/python experiments/rlaif/judge.py --base runs/demo --out runs/experiments/rlaif/judge
+
+The labeller then reads P("1") and P("2") after "Preferred Response=" in both orders (`rlxf label`, spec §2.2–2.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from rlxf.engine import TrainConfig  # noqa: E402
+from rlxf.feedback.backends import BackendConfig  # noqa: E402
+from rlxf.feedback.label import LabelConfig, as_text, build_template, load_label_pairs  # noqa: E402
+from rlxf.feedback.prompts import build_prompt  # noqa: E402
+from rlxf.sampling import write_jsonl  # noqa: E402
+from rlxf.trainers.sft import SFTConfig, train_sft  # noqa: E402
+
+logger = logging.getLogger("rlaif.judge")
+
+FACTWORLD_PREAMBLE = (
+    "You are an expert rater of answers to factual questions. Given a question and two answers, output 1 or 2 to "
+    "indicate which answer is more correct."
+)
+"""The judge's task preamble (a preamble file for `rlxf label --preamble-file`; asks for the better answer, so no
+inversion)."""
+
+LABEL_TOKENS = ("1", "2")
+
+
+def write_preamble(path: str | Path) -> Path:
+    """Write FACTWORLD_PREAMBLE to `path` (the `preamble_file` of the judge's label config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(FACTWORLD_PREAMBLE + "\n", encoding="utf-8")
+    return path
+
+
+def judge_label_config(
+    preamble_file: str | Path, input: str = "", out: str = "", backend: BackendConfig | None = None, **kw: Any
+) -> LabelConfig:
+    """The one labelling config of this experiment: task "helpful" layout (Context / Response 1 / Response 2, ending
+    "Preferred Response="), the FactWorld preamble from a file, no chain of thought, 0-shot. The judge is trained on
+    the prompts of this config and labels with it."""
+    return LabelConfig(
+        input=input,
+        out=out or "runs/labels.jsonl",
+        backend=backend or BackendConfig(),
+        task="helpful",
+        preamble_file=str(preamble_file),
+        cot=False,
+        **kw,
+    )
+
+
+def label_triple(row: dict[str, Any]) -> tuple[str, str, str]:
+    """(context, a, b) of a row from `load_label_pairs`, as `run_label` hands it to the labeller."""
+    return (
+        as_text(row["prompt"]).strip(),
+        as_text(row["response_a"], True).strip(),
+        as_text(row["response_b"], True).strip(),
+    )
+
+
+def labelling_prompts(cfg: LabelConfig, context: str, a: str, b: str) -> tuple[str, str]:
+    """The two scoring prompts the labeller reads for the pair (a, b): a in slot 1, then b in slot 1."""
+    template = build_template(cfg)
+    return build_prompt(template, context, a, b), build_prompt(template, context, b, a)
+
+
+def pair_key(context: str, a: str, b: str) -> tuple[str, frozenset[str]]:
+    """A pair's identity regardless of order (the labeller shows both orders anyway)."""
+    return context, frozenset((a, b))
+
+
+def pair_keys(path: str | Path) -> set[tuple[str, frozenset[str]]]:
+    """Unordered keys of every pair in a preference / label-input file (as the labeller's text triples)."""
+    return {pair_key(*label_triple(r)) for r in load_label_pairs(str(path))}
+
+
+def build_judge_rows(
+    cfg: LabelConfig, preferences_file: str | Path, exclude_pairs: Iterable[str | Path] = ()
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """SFT rows that teach a model to answer the labelling prompt of `cfg` like the simulated human.
+
+    Each human-labelled pair (chosen, rejected) of `preferences_file` gives two rows: prompt(chosen, rejected) with
+    completion "1" and prompt(rejected, chosen) with completion "2". Pairs also present in any `exclude_pairs` file
+    (same context and the same two responses, either order) are left out. Returns the rows (both orders of a pair
+    next to each other; extra columns context / response_1 / response_2 / pair_index / order) and counts {pairs,
+    excluded, rows}.
+    """
+    excluded = set()
+    for path in exclude_pairs:
+        excluded |= pair_keys(path)
+    template = build_template(cfg)
+    rows, n_excluded = [], 0
+    pairs = load_label_pairs(str(preferences_file))
+    for i, row in enumerate(pairs):
+        context, chosen, rejected = label_triple(row)  # a = the human's choice
+        if pair_key(context, chosen, rejected) in excluded:
+            n_excluded += 1
+            continue
+        for order, (first, second, label) in enumerate(((chosen, rejected, "1"), (rejected, chosen, "2"))):
+            rows.append(
+                {
+                    "prompt": build_prompt(template, context, first, second),
+                    "completion": label,
+                    "context": context,
+                    "response_1": first,
+                    "response_2": second,
+                    "pair_index": i,
+                    "order": "chosen_first" if order == 0 else "chosen_second",
+                }
+            )
+    return rows, {"pairs": len(pairs), "excluded": n_excluded, "rows": len(rows)}
+
+
+def assert_disjoint(rows: Iterable[dict[str, Any]], label_pairs_file: str | Path) -> None:
+    """Raise when a judge training row shows a pair of `label_pairs_file` (same context and responses, either order)."""
+    keys = pair_keys(label_pairs_file)
+    shared = {pair_key(r["context"], r["response_1"], r["response_2"]) for r in rows} & keys
+    if shared:
+        context, responses = next(iter(shared))
+        raise AssertionError(
+            f"{len(shared)} pairs of {label_pairs_file} are in the judge's training rows, e.g. {context!r}: "
+            f"{sorted(responses)!r}"
+        )
+
+
+def check_context(tokenizer: Any, max_positions: int, prompts: Sequence[str]) -> dict[str, int]:
+    """Token lengths of the labelling prompts (with BOS, as the labeller encodes them) against the model's context:
+    prompt + label + EOS must fit. Returns {max_prompt_tokens, mean_prompt_tokens, context}."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    longest = max(lengths)
+    if longest + 2 > max_positions:
+        raise ValueError(
+            f"the longest labelling prompt is {longest} tokens; with the label and EOS it does not fit the judge's "
+            f"context of {max_positions} tokens (max_position_embeddings); shorten the preamble"
+        )
+    return {
+        "max_prompt_tokens": longest,
+        "mean_prompt_tokens": round(sum(lengths) / len(lengths)),
+        "context": max_positions,
+    }
+
+
+def train_judge(
+    sft_model: str | Path, train_file: str | Path, out: str | Path, train: TrainConfig, max_positions: int
+) -> Path:
+    """Fine-tune `sft_model` on the judge rows (next-token NLL on the label token and EOS); returns `out/final`."""
+    train_sft(
+        SFTConfig(
+            model=str(sft_model),
+            train_file=str(train_file),
+            out=str(out),
+            max_length=max_positions,
+            max_prompt_length=max_positions - 2,
+            train=train,
+        )
+    )
+    return Path(out) / "final"
+
+
+def prepare_judge_data(
+    world: str | Path, pairs: str | Path, out: str | Path, preferences_file: str | Path | None = None
+) -> dict[str, Any]:
+    """Write out/preamble.txt and out/judge_train.jsonl from the world's preferences_train.jsonl, excluding the
+    pairs of `pairs`; assert disjointness. Returns paths and counts."""
+    out = Path(out)
+    preamble = write_preamble(out / "preamble.txt")
+    cfg = judge_label_config(preamble)
+    prefs = Path(preferences_file or Path(world) / "preferences_train.jsonl")
+    rows, counts = build_judge_rows(cfg, prefs, exclude_pairs=[pairs])
+    assert_disjoint(rows, pairs)
+    train_file = out / "judge_train.jsonl"
+    write_jsonl(train_file, rows)
+    logger.info(
+        "judge data: %d rows from %d human-labelled pairs of %s (%d pairs shared with %s excluded)",
+        counts["rows"],
+        counts["pairs"],
+        prefs,
+        counts["excluded"],
+        pairs,
+    )
+    return {"preamble": preamble, "train_file": train_file, "counts": counts}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="runs/experiments/base", help="FactWorld base (experiments/common.py layout)")
+    p.add_argument("--out", default="runs/experiments/rlaif/judge", help="where the judge data and model go")
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the judge rows")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per optimiser step")
+    p.add_argument("--seed", type=int, default=0, help="data-order seed")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from transformers import AutoConfig
+
+    from rlxf.trainers.common import load_tokenizer
+
+    base = Path(args.base)
+    data = prepare_judge_data(base / "world", base / "pairs.jsonl", args.out)
+    sft = base / "sft" / "final"
+    positions = AutoConfig.from_pretrained(sft).max_position_embeddings
+    rows = [json.loads(line) for line in Path(data["train_file"]).read_text().splitlines()]
+    print(check_context(load_tokenizer(sft), positions, [r["prompt"] for r in rows]))
+    train = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        per_device_batch_size=args.batch_size,
+        warmup_steps=10,
+        seed=args.seed,
+        report_to="none",
+    )
+    print(train_judge(sft, data["train_file"], Path(args.out) / "sft", train, positions))
+
+
+if __name__ == "__main__":
+    main()
