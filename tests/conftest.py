@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -71,3 +72,23 @@ def factworld_sft_dir(tmp_path_factory, factworld_model_dir, factworld_dir):
     train_sft(SFTConfig(model=str(factworld_model_dir), train_file=str(factworld_dir / "sft_train.jsonl"),
                         out=str(out), train=train))  # fmt: skip
     return out / "final"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads that wait on each
+    other at every op ran 10-20× slower whenever another process held a core. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rl_prompts_file(tmp_path_factory):
+    """Six short RL prompts (JSONL) for the online-RL trainers' tiny runs."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    prompts = ["the cat is", "what colour is the dog", "a pear and", "the city of", "oslo is", "the food of a"]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path

@@ -30,24 +30,10 @@ def word_spans(prompts, texts):
     return [[(i, i + 1, 1.0) for i, c in enumerate(t) if c == WORD] for t in texts]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: a second thread only adds synchronisation on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    prompts = ["the cat is", "what colour is the dog", "a pear and", "the city of", "oslo is", "the food of a"]
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return path
-
-
-def config(model_dir, prompts_file, out, cls=PPOConfig, train=None, **kw) -> PPOConfig:
+def config(model_dir, rl_prompts_file, out, cls=PPOConfig, train=None, **kw) -> PPOConfig:
     kw = {
         "reward": f"callable:{__name__}:count_word",
         "k": 4,
@@ -56,7 +42,7 @@ def config(model_dir, prompts_file, out, cls=PPOConfig, train=None, **kw) -> PPO
     } | kw
     return cls(
         model=str(model_dir),
-        prompts_file=str(prompts_file),
+        prompts_file=str(rl_prompts_file),
         out=str(out),
         train=TrainConfig(
             **{
@@ -84,10 +70,10 @@ def learns(result, steps):
     return sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
 
 
-def test_ppo_with_separate_critic_learns_a_trivial_reward(tiny_model_dir, prompts_file, tmp_path):
+def test_ppo_with_separate_critic_learns_a_trivial_reward(tiny_model_dir, rl_prompts_file, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = train_ppo(config(tiny_model_dir, prompts_file, tmp_path), model=model)
+    result = train_ppo(config(tiny_model_dir, rl_prompts_file, tmp_path), model=model)
     first, last = learns(result, 20)
     assert last > first + 1.0, result["history"]["rewards/mean"]  # measured: 0.03 over the first 4 steps, 7.5 last
     assert not [n for n, p in model.named_parameters() if torch.equal(before[n], p)]
@@ -95,17 +81,17 @@ def test_ppo_with_separate_critic_learns_a_trivial_reward(tiny_model_dir, prompt
     assert (tmp_path / "final" / "value_model" / "config.json").exists()
 
 
-def test_ppo_with_shared_value_head_and_token_rewards(tiny_model_dir, prompts_file, tmp_path):
+def test_ppo_with_shared_value_head_and_token_rewards(tiny_model_dir, rl_prompts_file, tmp_path):
     cfg = config(
-        tiny_model_dir, prompts_file, tmp_path, shared_value_head=True, reward=f"callable:{__name__}:word_spans"
+        tiny_model_dir, rl_prompts_file, tmp_path, shared_value_head=True, reward=f"callable:{__name__}:word_spans"
     )
     first, last = learns(train_ppo(cfg), 20)
     assert last > first + 1.0
     assert (tmp_path / "final" / "value_head.pt").exists()
 
 
-def test_reinforce_with_baseline_learns(tiny_model_dir, prompts_file, tmp_path):
-    cfg = config(tiny_model_dir, prompts_file, tmp_path, cls=ReinforceConfig)
+def test_reinforce_with_baseline_learns(tiny_model_dir, rl_prompts_file, tmp_path):
+    cfg = config(tiny_model_dir, rl_prompts_file, tmp_path, cls=ReinforceConfig)
     assert cfg.advantage == "reinforce" and cfg.ppo_epochs == 1
     result = train_ppo(cfg)
     first, last = learns(result, 20)
@@ -114,13 +100,13 @@ def test_reinforce_with_baseline_learns(tiny_model_dir, prompts_file, tmp_path):
     assert max(result["history"]["policy/clip_frac"]) == 0.0
 
 
-def test_resume_continues_exactly(tiny_model_dir, prompts_file, tmp_path):
+def test_resume_continues_exactly(tiny_model_dir, rl_prompts_file, tmp_path):
     """Stopped after 3 rollouts and resumed = uninterrupted: same samples, losses, adaptive β and final weights."""
     common = {"kl_target": 0.5, "kl_horizon": 100.0, "num_minibatches": 2, "ppo_epochs": 2}
-    full = train_ppo(config(tiny_model_dir, prompts_file, tmp_path / "a", train={"max_steps": 6}, **common))
-    part = config(tiny_model_dir, prompts_file, tmp_path / "b", train={"max_steps": 6, "stop_after": 3}, **common)
+    full = train_ppo(config(tiny_model_dir, rl_prompts_file, tmp_path / "a", train={"max_steps": 6}, **common))
+    part = config(tiny_model_dir, rl_prompts_file, tmp_path / "b", train={"max_steps": 6, "stop_after": 3}, **common)
     assert not train_ppo(part)["finished"]
-    resumed = config(tiny_model_dir, prompts_file, tmp_path / "b", train={"max_steps": 6, "resume": True}, **common)
+    resumed = config(tiny_model_dir, rl_prompts_file, tmp_path / "b", train={"max_steps": 6, "resume": True}, **common)
     second = train_ppo(resumed)
     assert second["finished"]
     for key in ("rewards/mean", "loss/policy", "loss/value", "objective/kl_coef"):
@@ -178,15 +164,15 @@ def test_credit_masks_the_policy_loss_only(tiny_model_dir, tmp_path):
     assert not torch.equal(losses["plain"]["loss/policy"], losses["token"]["loss/policy"])
 
 
-def test_ppo_with_segment_credit_runs_and_logs_kept_fractions(tiny_model_dir, prompts_file, tmp_path):
+def test_ppo_with_segment_credit_runs_and_logs_kept_fractions(tiny_model_dir, rl_prompts_file, tmp_path):
     credit = CreditConfig(granularity="segment", token_reward=f"callable:{__name__}:word_spans")
-    result = train_ppo(config(tiny_model_dir, prompts_file, tmp_path, credit=credit, train={"max_steps": 4}))
+    result = train_ppo(config(tiny_model_dir, rl_prompts_file, tmp_path, credit=credit, train={"max_steps": 4}))
     history = result["history"]
     assert result["finished"] and all(map(math.isfinite, history["loss/policy"]))
     assert all(0.0 <= f <= 1.0 for f in history["asr/kept_frac"])
 
 
-def test_cli_runs_ppo_and_documents_every_option(tiny_model_dir, prompts_file, tmp_path):
+def test_cli_runs_ppo_and_documents_every_option(tiny_model_dir, rl_prompts_file, tmp_path):
     help_text = subprocess.run(
         [sys.executable, "-m", "rlxf.cli", "reinforce", "--help"], capture_output=True, text=True, check=True
     ).stdout
@@ -195,7 +181,7 @@ def test_cli_runs_ppo_and_documents_every_option(tiny_model_dir, prompts_file, t
     run = subprocess.run(
         [
             sys.executable, "-m", "rlxf.cli", "ppo", "--model", str(tiny_model_dir),
-            "--prompts_file", str(prompts_file), "--reward", f"callable:{__name__}:count_word",
+            "--prompts_file", str(rl_prompts_file), "--reward", f"callable:{__name__}:count_word",
             "--out", str(tmp_path / "cli"), "--k", "2", "--generation.max_new_tokens", "4",
             "--train.batch_size", "2", "--train.per_device_batch_size", "2", "--train.max_steps", "2",
             "--train.progress", "false", "--train.report_to", "none",
@@ -207,7 +193,7 @@ def test_cli_runs_ppo_and_documents_every_option(tiny_model_dir, prompts_file, t
     assert (tmp_path / "cli" / "final" / "value_model").is_dir()
 
     bad = subprocess.run(
-        [sys.executable, "-m", "rlxf.cli", "ppo", "--model", str(tiny_model_dir), "--prompts_file", str(prompts_file)],
+        [sys.executable, "-m", "rlxf.cli", "ppo", "--model", str(tiny_model_dir), "--prompts_file", str(rl_prompts_file)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and "--reward" in bad.stderr

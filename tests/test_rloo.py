@@ -21,28 +21,13 @@ def count_word(prompts, texts):
     return [float(t.count(WORD)) for t in texts]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Hidden size 32: a second thread only adds synchronisation; on a loaded 2-core machine these runs took ~20x
-    longer with 2 threads (43 s vs 2 s for this file)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    prompts = ["the cat is", "what colour is the dog", "a pear and", "the city of", "oslo is", "the food of a"]
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return path
-
-
-def config(model_dir, prompts_file, out, **train) -> RLOOConfig:
+def config(model_dir, rl_prompts_file, out, **train) -> RLOOConfig:
     return RLOOConfig(
         model=str(model_dir),
-        prompts_file=str(prompts_file),
+        prompts_file=str(rl_prompts_file),
         reward=f"callable:{__name__}:count_word",
         out=str(out),
         k=4,
@@ -64,10 +49,10 @@ def config(model_dir, prompts_file, out, **train) -> RLOOConfig:
     )
 
 
-def test_rloo_learns_a_trivial_reward(tiny_model_dir, prompts_file, tmp_path):
+def test_rloo_learns_a_trivial_reward(tiny_model_dir, rl_prompts_file, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    result = train_rloo(config(tiny_model_dir, prompts_file, tmp_path), model=model)
+    result = train_rloo(config(tiny_model_dir, rl_prompts_file, tmp_path), model=model)
     history = result["history"]
     rewards = history["rewards/mean"]
     assert result["finished"] and len(rewards) == 20
@@ -80,11 +65,11 @@ def test_rloo_learns_a_trivial_reward(tiny_model_dir, prompts_file, tmp_path):
     assert (tmp_path / "final" / "config.json").exists()
 
 
-def test_resume_samples_and_trains_like_an_uninterrupted_run(tiny_model_dir, prompts_file, tmp_path):
+def test_resume_samples_and_trains_like_an_uninterrupted_run(tiny_model_dir, rl_prompts_file, tmp_path):
     # Rollouts are seeded by (seed, step, micro-batch), the engine restores model, optimiser and data position:
     # steps 3-4 after a stop at step 2 must see the same samples and losses as steps 3-4 of one run.
-    full = train_rloo(config(tiny_model_dir, prompts_file, tmp_path / "full", max_steps=4))["history"]
-    cut = config(tiny_model_dir, prompts_file, tmp_path / "cut", max_steps=4, stop_after=2)
+    full = train_rloo(config(tiny_model_dir, rl_prompts_file, tmp_path / "full", max_steps=4))["history"]
+    cut = config(tiny_model_dir, rl_prompts_file, tmp_path / "cut", max_steps=4, stop_after=2)
     assert not train_rloo(cut)["finished"]
     cut.train.stop_after, cut.train.resume = 0, True
     resumed = train_rloo(cut)
@@ -116,12 +101,12 @@ def word_spans(prompts, texts):
     return [[(i, i + 1, 1.0) for i, c in enumerate(t) if c == WORD] for t in texts]
 
 
-def test_rloo_with_token_credit_trains_on_agreeing_tokens_only(tiny_model_dir, prompts_file, tmp_path):
+def test_rloo_with_token_credit_trains_on_agreeing_tokens_only(tiny_model_dir, rl_prompts_file, tmp_path):
     """Credit 'token': a response with a positive advantage keeps only its WORD tokens (the only positive rewards),
     one with a negative advantage keeps none (no negative token reward); the run trains and logs kept fractions."""
     from rlxf.credit import CreditConfig
 
-    cfg = config(tiny_model_dir, prompts_file, tmp_path, max_steps=4)
+    cfg = config(tiny_model_dir, rl_prompts_file, tmp_path, max_steps=4)
     cfg.reward = f"callable:{__name__}:word_spans"
     cfg.credit = CreditConfig(granularity="token")
     result = train_rloo(cfg)

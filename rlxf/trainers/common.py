@@ -43,3 +43,8 @@ def load_encoded(
     return encode(
         rows, tokenizer, on_bad_row=on_bad_row, rejected_path=out / f"rejected_tokenized_{split}.jsonl", **lengths
     )
+
+
+def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine's micro-batch of prompts: the rows themselves (rollouts are built from them)."""
+    return {"rows": rows, "num_units": len(rows)}

@@ -61,7 +61,7 @@ from rlxf.rl import (
 )
 from rlxf.sampling import GenerationSettings, decode_samples, generate
 from rlxf.tokenization import encode_prompts, pad
-from rlxf.trainers.common import load_encoded, load_tokenizer
+from rlxf.trainers.common import collate_prompts, load_encoded, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -199,11 +199,6 @@ class ActorCritic(nn.Module):
         ).logits[:, :-1]  # (B, T + 1, V) -> (B, T, V)
         values = self.value_model(input_ids, attention_mask, position_ids)[:, predicting]  # (B, P + T) -> (B, T)
         return logits, values
-
-
-def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The engine's micro-batch of prompts: the rows themselves (rollouts are built from them)."""
-    return {"rows": rows, "num_units": len(rows)}
 
 
 def layout(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, Tensor]:

@@ -39,7 +39,7 @@ from rlxf.engine import Engine, TrainConfig
 from rlxf.reward_sources import RewardSource, build_reward_source
 from rlxf.sampling import GenerationSettings, decode_samples, generate
 from rlxf.tokenization import encode_prompts, pad
-from rlxf.trainers.common import load_encoded, load_tokenizer
+from rlxf.trainers.common import collate_prompts, load_encoded, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +76,6 @@ class RejectionSamplingConfig:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"n={self.n}: rejection sampling needs at least 1 sample per prompt")
-
-
-def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The engine's micro-batch of prompts: the rows themselves (rollouts are built from them)."""
-    return {"rows": rows, "num_units": len(rows)}
 
 
 def best_of_n(scores: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from rlxf.reward_sources import RewardSource, build_reward_source
 from rlxf.rl import entropy_from_logits, masked_mean, rloo_advantages
 from rlxf.sampling import GenerationSettings, decode_samples, generate
 from rlxf.tokenization import encode_prompts, pad
-from rlxf.trainers.common import load_encoded, load_tokenizer
+from rlxf.trainers.common import collate_prompts, load_encoded, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +81,6 @@ class RLOOConfig:
     def __post_init__(self) -> None:
         if self.k < 2:
             raise ValueError(f"k={self.k}: RLOO needs at least 2 samples per prompt for its leave-one-out baseline")
-
-
-def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The engine's micro-batch of prompts: the rows themselves (rollouts are built from them)."""
-    return {"rows": rows, "num_units": len(rows)}
 
 
 def policy_token_logprobs(
