@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -121,11 +122,22 @@ def test_position_bias_set_by_hand():
 
 def test_binomial_test_by_hand():
     # 1 of 2 at p = ½: every outcome is at most as likely, so p-value = 1
-    assert binomial_test_two_sided(1, 2) == 1.0
+    assert math.isclose(binomial_test_two_sided(1, 2), 1.0)
     # 9 of 10: P(X ≥ 9) + P(X ≤ 1) = 2·(1 + 10)/1024
     assert math.isclose(binomial_test_two_sided(9, 10), 22 / 1024)
     # 94 of 100 (PaLM 2 L's slot-1 share): tiny p-value
     assert binomial_test_two_sided(94, 100) < 1e-15
+
+
+def test_binomial_test_large_n_matches_exact_rationals():
+    # n beyond ~1030 overflowed a float pmf; compare with exact integer arithmetic at p = ½
+    n, k = 2000, 1050
+    pmf = [math.comb(n, i) for i in range(n + 1)]  # × 2⁻ⁿ, exact
+    exact = Fraction(sum(c for c in pmf if c <= pmf[k]), 2**n)
+    assert math.isclose(binomial_test_two_sided(k, n), float(exact), rel_tol=1e-9)
+    assert math.isclose(binomial_test_two_sided(n // 2, n), 1.0, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        binomial_test_two_sided(1, 2, p=1.0)
 
 
 def test_alignment_by_hand():

@@ -16,7 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.feedback.backends import LocalBackend, Prompt, apply_chat, chat_messages
+from rlxf.feedback.backends import LocalBackend, OpenAIBackend, Prompt, _first_top, apply_chat, chat_messages
+from rlxf.feedback.labels import label_logprobs_from_topk
 from rlxf.feedback.serve import ServeEngine, start_server
 
 PROMPT = "the red cat is a dog.\nSummary 1 - red\nSummary 2 - cat dog\nPreferred Summary="
@@ -194,3 +195,50 @@ def test_cli_serve_on_a_free_port(tiny_model_dir, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert f"at {base}" in proc.stderr.read()  # the URL is logged too
+
+
+def test_a_generated_eos_keeps_its_logprobs(tiny_model_dir, tiny_tokenizer):
+    """A scoring request whose most likely next token is EOS: the reply lists EOS with its top log-probs (text empty,
+    finish "stop"), so a labelling client reads a top-k map (no label tokens in it) instead of retrying forever."""
+    engine = ServeEngine.load(tiny_model_dir, name="eos")
+    eos = tiny_tokenizer.eos_token_id
+    boost = torch.zeros(engine.model.config.vocab_size)
+    boost[eos] = 1e4  # steer the real model to end at once
+    engine.model.get_output_embeddings().register_forward_hook(lambda module, args, logits: logits + boost)
+    server, _, base = start_server(engine=engine)
+    try:
+        body = {"model": "eos", "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "logprobs": 3}
+        status, out = call(base, "completions", body)
+        assert status == 200
+        (choice,) = out["choices"]
+        assert choice["text"] == "" and choice["finish_reason"] == "stop"
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [tiny_tokenizer.decode([eos])] and len(lp["top_logprobs"][0]) >= 1
+        assert lp["token_logprobs"][0] > -1e-3 and out["usage"]["completion_tokens"] == 1
+        status, out = call(
+            base,
+            "chat/completions",
+            {**body, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2},
+        )
+        assert status == 200 and out["choices"][0]["message"]["content"] == ""
+        assert len(out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+
+        remote = OpenAIBackend(base, "eos", max_retries=0)
+        ((index, top),) = remote.iter_next_token_logprobs([PROMPT], k=3)
+        assert index == 0 and tiny_tokenizer.decode([eos]) in top and remote.stats.calls == 1
+        assert not label_logprobs_from_topk(top).valid  # no label token in the map: an invalid order
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_reply_listing_no_generated_token_reads_as_an_empty_map(chat):
+    choice = {"logprobs": {"content": []}} if chat else {"logprobs": {"top_logprobs": [], "tokens": []}}
+    assert _first_top(choice, chat) == {}
+    choice = (
+        {"logprobs": {"content": [{"top_logprobs": [{"token": "1", "logprob": -0.1}]}]}}
+        if chat
+        else {"logprobs": {"top_logprobs": [{"1": -0.1}]}}
+    )
+    assert _first_top(choice, chat) == {"1": -0.1}

@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import rlxf.feedback.label as label_module  # noqa: E402
 from experiments.common import factworld_base  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
     check_context,
@@ -149,27 +148,6 @@ def timed(times: dict[str, float], name: str, fn, *a, **kw):
     times[name] = times.get(name, 0.0) + time.perf_counter() - start
     logger.info("%s: %.0f s", name, time.perf_counter() - start)
     return result
-
-
-def binomial_test_two_sided(k: int, n: int, p: float = 0.5) -> float:
-    """`rlxf.feedback.labels.binomial_test_two_sided`, with the pmf in log space: the library's math.comb(n, i) * p**i
-    overflows a float for n > ~1030 biased pairs, which stops `run_label` after every pair is labelled (reported as
-    a bug; installed below only as a fallback for that OverflowError)."""
-    try:
-        return _library_binomial_test(k, n, p)
-    except OverflowError:
-        pass
-    log_pmf = [
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-        for i in range(n + 1)
-    ]  # 0 < p < 1 here: the library handles n small enough for every p
-    # same rule as the library: outcomes no more likely than k, with scipy's relative tolerance
-    limit = log_pmf[k] + math.log1p(1e-7)
-    return min(1.0, sum(math.exp(q) for q in log_pmf if q <= limit))
-
-
-_library_binomial_test = label_module.binomial_test_two_sided
-label_module.binomial_test_two_sided = binomial_test_two_sided
 
 
 # --- stages ----------------------------------------------------------------------------------------------------------

@@ -494,6 +494,17 @@ def _merge_top(entries: Any) -> TopK:
     return out
 
 
+def _first_top(choice: dict[str, Any], chat: bool) -> TopK:
+    """The first generated token's top log-probs; {} (no label tokens: an invalid order, not a malformed reply) when
+    the server lists no generated token, as some do when that token is EOS."""
+    logprobs = choice["logprobs"]
+    if chat:
+        content = logprobs["content"] or []
+        return _merge_top(content[0]["top_logprobs"]) if content else {}
+    tops = logprobs["top_logprobs"] or []
+    return _check_top(tops[0]) if tops else {}
+
+
 def _check_top(top: Any) -> TopK:
     if not isinstance(top, dict) or not all(isinstance(v, (int, float)) for v in top.values()):
         raise TypeError(f"top_logprobs entry is not a {{token: logprob}} map: {str(top)[:200]}")
@@ -690,13 +701,9 @@ class OpenAIBackend:
         body = self._body(as_prompt(prompt), 1, 0.0)
         if self.api == "completions":
             body["logprobs"] = k
-            return self.request(
-                self._path(), body, lambda o: _check_top(o["choices"][0]["logprobs"]["top_logprobs"][0])
-            )
+            return self.request(self._path(), body, lambda o: _first_top(o["choices"][0], chat=False))
         body |= {"logprobs": True, "top_logprobs": k}
-        return self.request(
-            self._path(), body, lambda o: _merge_top(o["choices"][0]["logprobs"]["content"][0]["top_logprobs"])
-        )
+        return self.request(self._path(), body, lambda o: _first_top(o["choices"][0], chat=True))
 
     def iter_next_token_logprobs(
         self, prompts: Sequence[Prompt | str], k: int, labels: Sequence[str] = ()

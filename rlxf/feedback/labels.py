@@ -125,9 +125,16 @@ def binomial_test_two_sided(k: int, n: int, p: float = 0.5) -> float:
     of outcomes no more likely than k successes in n trials. Used on `position_bias`'s (n_slot1, n_biased)."""
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    pmf = [math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(n + 1)]
+    if not 0 < p < 1:
+        raise ValueError(f"need 0 < p < 1, got p={p}")
+    # log space: math.comb(n, i) * p**i overflows a float beyond n ≈ 1000
+    log_pmf = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+        for i in range(n + 1)
+    ]
     # relative tolerance as scipy uses, so outcomes equally likely as k (e.g. symmetric ones at p = ½) count
-    return min(1.0, sum(q for q in pmf if q <= pmf[k] * (1 + 1e-7)))
+    threshold = log_pmf[k] + math.log1p(1e-7)
+    return min(1.0, sum(math.exp(q) for q in log_pmf if q <= threshold))
 
 
 # --- metrics (spec §2.9) ---------------------------------------------------------------------------------------------

@@ -100,8 +100,11 @@ class ServeEngine:
         stop: list[str],
         keep_dists: bool = True,
     ) -> dict[str, Any]:
-        """Generate after `ids`; returns text, new ids (EOS dropped), their (V,) log-prob rows (when keep_dists),
-        finish_reason."""
+        """Generate after `ids`; returns text, new ids, their (V,) log-prob rows (when keep_dists), finish_reason.
+
+        A generated EOS stays in the ids and log-prob rows (and counts as a completion token), as vLLM reports it: a
+        scoring request whose most likely next token is EOS still gets its top log-probs. Only the text leaves it out.
+        """
         limit = self.backend.max_context
         if len(ids) > limit:
             raise RequestError(
@@ -120,9 +123,7 @@ class ServeEngine:
         with self.lock:
             new, dists = decode_one(self.model, ids, room, eos, temperature, top_k, top_p, gen, hit_stop, keep_dists)
         finish = "stop" if (new and new[-1] == eos) else "length"
-        if new and new[-1] == eos:
-            new, dists = new[:-1], dists[: len(new) - 1]
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        text = self.tokenizer.decode(new[:-1] if finish == "stop" else new, skip_special_tokens=True)
         for s in stop:
             if s in text:
                 text, finish = text[: text.index(s)], "stop"
