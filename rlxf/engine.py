@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -134,9 +135,12 @@ class Engine:
             raise ValueError("no training examples: check the data file and --on-bad-row")
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(cfg.mixed_precision), cpu=several_cpu_processes()
-        )
+        mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+        if AcceleratorState._shared_state.get("_mixed_precision") not in (None, mixed_precision):
+            # Accelerate allows one precision per process; a pipeline, experiment or test suite that trains one model
+            # in bf16 and the next in fp32 would fail. The process group (PartialState) is kept.
+            AcceleratorState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes())
         set_seed(cfg.seed)
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index

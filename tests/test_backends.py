@@ -47,7 +47,7 @@ def server(engine):
 
 @pytest.fixture(scope="module")
 def local(tiny_model_dir):
-    return LocalBackend(tiny_model_dir, batch_size=2)
+    return LocalBackend(tiny_model_dir, batch_size=2, device="cpu")  # fp32: compared with direct forward passes
 
 
 def labels_of(tops):

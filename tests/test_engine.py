@@ -24,7 +24,7 @@ def test_loss_falls_and_every_parameter_changes(tiny_model_dir, tmp_path):
     }
     losses, model = run_toy(tiny_model_dir, tmp_path, max_steps=8, batch_size=24, per_device_batch_size=24)
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
-    unchanged = [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())]
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach().cpu())]
     assert not unchanged
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 9))
@@ -48,14 +48,20 @@ def first_step_gradients(model_dir, out_dir, **overrides) -> dict[str, torch.Ten
 
 def test_gradient_accumulation_is_exact(tiny_model_dir, tmp_path):
     # Batch 8 × accumulation 1 and batch 1 × accumulation 8 see the same 8 rows per step and divide by the same
-    # token count, so gradients agree up to float summation order.
-    whole = first_step_gradients(tiny_model_dir, tmp_path / "a", per_device_batch_size=8, max_grad_norm=0)
-    accum = first_step_gradients(tiny_model_dir, tmp_path / "b", per_device_batch_size=1, max_grad_norm=0)
+    # token count, so gradients agree up to float summation order (in fp32: on a GPU, bf16 autocast would round each
+    # micro-batch's activations differently).
+    fp32 = {"mixed_precision": "no", "max_grad_norm": 0}
+    whole = first_step_gradients(tiny_model_dir, tmp_path / "a", per_device_batch_size=8, **fp32)
+    accum = first_step_gradients(tiny_model_dir, tmp_path / "b", per_device_batch_size=1, **fp32)
     assert whole.keys() == accum.keys() and len(whole) > 10
     for name in whole:
         torch.testing.assert_close(whole[name], accum[name], msg=name)
-    losses_whole, _ = run_toy(tiny_model_dir, tmp_path / "c", per_device_batch_size=8, max_steps=3)
-    losses_accum, _ = run_toy(tiny_model_dir, tmp_path / "d", per_device_batch_size=2, max_steps=3)
+    losses_whole, _ = run_toy(
+        tiny_model_dir, tmp_path / "c", per_device_batch_size=8, max_steps=3, mixed_precision="no"
+    )
+    losses_accum, _ = run_toy(
+        tiny_model_dir, tmp_path / "d", per_device_batch_size=2, max_steps=3, mixed_precision="no"
+    )
     torch.testing.assert_close(torch.tensor(losses_whole), torch.tensor(losses_accum))
 
 

@@ -17,17 +17,18 @@ from rlxf.engine import TrainConfig
 from rlxf.sampling import GenerationSettings
 from rlxf.trainers.ppo import PPOConfig, ReinforceConfig, advantages_and_masks, ppo_loss, train_ppo
 
-WORD = "e"
+VOWELS = "aeiou"
 
 
-def count_word(prompts, texts):
-    """The trivial reward: how many times WORD (a letter: dense enough for a random tiny model) appears."""
-    return [float(t.count(WORD)) for t in texts]
+def count_vowels(prompts, texts):
+    """The trivial reward: how many vowels the response has (dense enough for a random tiny model: a single letter
+    gave so few non-zero rewards that 20 steps learned it for some sampling seeds only)."""
+    return [float(sum(c in VOWELS for c in t)) for t in texts]
 
 
-def word_spans(prompts, texts):
-    """The same reward as character spans: +1 on every WORD, so a token-level source."""
-    return [[(i, i + 1, 1.0) for i, c in enumerate(t) if c == WORD] for t in texts]
+def vowel_spans(prompts, texts):
+    """The same reward as character spans: +1 on every vowel, so a token-level source."""
+    return [[(i, i + 1, 1.0) for i, c in enumerate(t) if c in VOWELS] for t in texts]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def config(model_dir, rl_prompts_file, out, cls=PPOConfig, train=None, **kw) -> PPOConfig:
     kw = {
-        "reward": f"callable:{__name__}:count_word",
+        "reward": f"callable:{__name__}:count_vowels",
         "k": 4,
         "generation": GenerationSettings(max_new_tokens=8, temperature=1.0, batch_size=4),
         "kl_coef": 0.01,
@@ -75,15 +76,15 @@ def test_ppo_with_separate_critic_learns_a_trivial_reward(tiny_model_dir, rl_pro
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = train_ppo(config(tiny_model_dir, rl_prompts_file, tmp_path), model=model)
     first, last = learns(result, 20)
-    assert last > first + 1.0, result["history"]["rewards/mean"]  # measured: 0.03 over the first 4 steps, 7.5 last
-    assert not [n for n, p in model.named_parameters() if torch.equal(before[n], p)]
+    assert last > first + 1.0, result["history"]["rewards/mean"]
+    assert not [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach().cpu())]
     assert (tmp_path / "final" / "config.json").exists()
     assert (tmp_path / "final" / "value_model" / "config.json").exists()
 
 
 def test_ppo_with_shared_value_head_and_token_rewards(tiny_model_dir, rl_prompts_file, tmp_path):
     cfg = config(
-        tiny_model_dir, rl_prompts_file, tmp_path, shared_value_head=True, reward=f"callable:{__name__}:word_spans"
+        tiny_model_dir, rl_prompts_file, tmp_path, shared_value_head=True, reward=f"callable:{__name__}:vowel_spans"
     )
     first, last = learns(train_ppo(cfg), 20)
     assert last > first + 1.0
@@ -165,7 +166,7 @@ def test_credit_masks_the_policy_loss_only(tiny_model_dir, tmp_path):
 
 
 def test_ppo_with_segment_credit_runs_and_logs_kept_fractions(tiny_model_dir, rl_prompts_file, tmp_path):
-    credit = CreditConfig(granularity="segment", token_reward=f"callable:{__name__}:word_spans")
+    credit = CreditConfig(granularity="segment", token_reward=f"callable:{__name__}:vowel_spans")
     result = train_ppo(config(tiny_model_dir, rl_prompts_file, tmp_path, credit=credit, train={"max_steps": 4}))
     history = result["history"]
     assert result["finished"] and all(map(math.isfinite, history["loss/policy"]))
@@ -181,7 +182,7 @@ def test_cli_runs_ppo_and_documents_every_option(tiny_model_dir, rl_prompts_file
     run = subprocess.run(
         [
             sys.executable, "-m", "rlxf.cli", "ppo", "--model", str(tiny_model_dir),
-            "--prompts_file", str(rl_prompts_file), "--reward", f"callable:{__name__}:count_word",
+            "--prompts_file", str(rl_prompts_file), "--reward", f"callable:{__name__}:count_vowels",
             "--out", str(tmp_path / "cli"), "--k", "2", "--generation.max_new_tokens", "4",
             "--train.batch_size", "2", "--train.per_device_batch_size", "2", "--train.max_steps", "2",
             "--train.progress", "false", "--train.report_to", "none",

@@ -146,7 +146,7 @@ def test_short_masked_run_trains_and_writes_masks(factworld_model_dir, factworld
     hist = train_rejection_sampling(cfg, model=model)["history"]
     losses = hist["loss/nll"]
     assert len(losses) == 8 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
-    assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())] == []
+    assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach().cpu())] == []
     assert all(0 < f < 1 for f in hist["asr/kept_frac_chosen"])  # the mask keeps the vowel-rich segments
     for key in ("asr/tau", "asr/segments_per_seq", "asr/mean_segment_len", "asr/skipped_winners"):
         assert len(hist[key]) == 8
@@ -173,7 +173,7 @@ def test_winners_with_empty_masks_are_skipped(factworld_model_dir, factworld_dir
     result = train_rejection_sampling(cfg, model=model)
     assert result["finished"] and result["history"]["asr/skipped_winners"] == [4.0, 4.0]
     assert result["history"]["loss/nll"] == [0.0, 0.0]
-    assert all(torch.equal(before[n], p.detach()) for n, p in model.named_parameters())
+    assert all(torch.equal(before[n], p.detach().cpu()) for n, p in model.named_parameters())
 
 
 def test_resume_keeps_the_winners_file_in_step(factworld_model_dir, factworld_dir, tmp_path):

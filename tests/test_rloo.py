@@ -13,12 +13,13 @@ from rlxf.engine import TrainConfig
 from rlxf.sampling import GenerationSettings
 from rlxf.trainers.rloo import RLOOConfig, train_rloo
 
-WORD = "e"
+VOWELS = "aeiou"
 
 
-def count_word(prompts, texts):
-    """The trivial reward: how many times WORD (a letter: dense enough for a random tiny model) appears in the response."""
-    return [float(t.count(WORD)) for t in texts]
+def count_vowels(prompts, texts):
+    """The trivial reward: how many vowels the response has (dense enough for a random tiny model: a single letter
+    gave so few non-zero rewards that 20 steps learned it for some sampling seeds only)."""
+    return [float(sum(c in VOWELS for c in t)) for t in texts]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,7 +29,7 @@ def config(model_dir, rl_prompts_file, out, **train) -> RLOOConfig:
     return RLOOConfig(
         model=str(model_dir),
         prompts_file=str(rl_prompts_file),
-        reward=f"callable:{__name__}:count_word",
+        reward=f"callable:{__name__}:count_vowels",
         out=str(out),
         k=4,
         generation=GenerationSettings(max_new_tokens=8, temperature=1.0, batch_size=4),
@@ -58,8 +59,8 @@ def test_rloo_learns_a_trivial_reward(tiny_model_dir, rl_prompts_file, tmp_path)
     assert result["finished"] and len(rewards) == 20
     assert all(map(math.isfinite, history["loss/policy"]))
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 1.0, rewards  # measured: ~0.1 over the first 5 steps, ~3.4 over the last 5
-    assert not [n for n, p in model.named_parameters() if n in before and torch.equal(before[n], p)]
+    assert last > first + 1.0, rewards  # measured (CPU, sampling seeds 0-5): +1.9 to +4.2
+    assert not [n for n, p in model.named_parameters() if n in before and torch.equal(before[n], p.detach().cpu())]
     for key in ("objective/kl", "objective/entropy", "response/length", "response/finished", "objective/rlhf_reward"):
         assert all(map(math.isfinite, history[key])), key
     assert (tmp_path / "final" / "config.json").exists()
@@ -96,18 +97,18 @@ def test_rloo_on_factworld_logs_the_gold_score(factworld_model_dir, factworld_di
     assert {"rewards/mean", "rewards/gold", "train/lr"} <= {k for line in lines for k in line}
 
 
-def word_spans(prompts, texts):
-    """The count_word reward as character spans: +1 on every WORD (token-level)."""
-    return [[(i, i + 1, 1.0) for i, c in enumerate(t) if c == WORD] for t in texts]
+def vowel_spans(prompts, texts):
+    """The count_vowels reward as character spans: +1 on every vowel (token-level)."""
+    return [[(i, i + 1, 1.0) for i, c in enumerate(t) if c in VOWELS] for t in texts]
 
 
 def test_rloo_with_token_credit_trains_on_agreeing_tokens_only(tiny_model_dir, rl_prompts_file, tmp_path):
-    """Credit 'token': a response with a positive advantage keeps only its WORD tokens (the only positive rewards),
+    """Credit 'token': a response with a positive advantage keeps only its vowel tokens (the only positive rewards),
     one with a negative advantage keeps none (no negative token reward); the run trains and logs kept fractions."""
     from rlxf.credit import CreditConfig
 
     cfg = config(tiny_model_dir, rl_prompts_file, tmp_path, max_steps=4)
-    cfg.reward = f"callable:{__name__}:word_spans"
+    cfg.reward = f"callable:{__name__}:vowel_spans"
     cfg.credit = CreditConfig(granularity="token")
     result = train_rloo(cfg)
     history = result["history"]

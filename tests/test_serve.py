@@ -25,7 +25,9 @@ PROMPT = "the red cat is a dog.\nSummary 1 - red\nSummary 2 - cat dog\nPreferred
 
 @pytest.fixture(scope="module")
 def url(tiny_model_dir):
-    server, _, base = start_server(engine=ServeEngine.load(tiny_model_dir, name="tiny", max_logprobs=50))
+    # fp32 on the CPU: the log-probs are compared with direct forward passes (a GPU would serve bf16)
+    engine = ServeEngine.load(tiny_model_dir, name="tiny", device="cpu", max_logprobs=50)
+    server, _, base = start_server(engine=engine)
     yield base
     server.shutdown()
     server.server_close()
@@ -115,7 +117,7 @@ def test_greedy_generation_matches_the_local_backend(url, tiny_model_dir):
         url, "completions", {"model": "tiny", "prompt": ["red cat", "blue"], "max_tokens": 7, "temperature": 0}
     )
     assert status == 200 and [c["index"] for c in out["choices"]] == [0, 1]
-    local = LocalBackend(tiny_model_dir)
+    local = LocalBackend(tiny_model_dir, device="cpu")  # the server above runs fp32 on the CPU
     assert [c["text"] for c in out["choices"]] == local.generate_greedy(["red cat", "blue"], 7)
     assert all(c["finish_reason"] == "length" for c in out["choices"]) and out["usage"]["completion_tokens"] == 14
 
@@ -204,7 +206,9 @@ def test_a_generated_eos_keeps_its_logprobs(tiny_model_dir, tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
     boost = torch.zeros(engine.model.config.vocab_size)
     boost[eos] = 1e4  # steer the real model to end at once
-    engine.model.get_output_embeddings().register_forward_hook(lambda module, args, logits: logits + boost)
+    engine.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, logits: logits + boost.to(logits.device, logits.dtype)
+    )
     server, _, base = start_server(engine=engine)
     try:
         body = {"model": "eos", "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "logprobs": 3}

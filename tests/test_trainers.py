@@ -35,9 +35,9 @@ def test_sft_held_out_loss_falls_and_every_parameter_changes(factworld_model_dir
     assert all(map(math.isfinite, history["loss/nll"]))
     held_out = history["eval/nll"]
     assert held_out[-1] < held_out[0] - 1.0, held_out  # from ~ln(vocab) = 5.5 nats to well below
-    assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())] == []
+    assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach().cpu())] == []
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
-    torch.testing.assert_close(reloaded.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"])
+    torch.testing.assert_close(reloaded.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"].cpu())
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,6 @@ def test_reward_model_learns_gold_preferences(factworld_sft_dir, gold_world, tmp
     print(f"held-out gold pairwise accuracy: {accuracy:.3f} on {len(decided)} pairs")
     # Chance is 0.5 with a standard error of 0.018 on ~740 pairs; measured 0.654 (1 torch thread, x86_64).
     assert accuracy > 0.6, accuracy
-    assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())] == []
+    assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach().cpu())] == []
     reloaded = RewardModel.from_pretrained(tmp_path / "rm" / "final")
-    torch.testing.assert_close(reloaded.hf.score.weight, model.hf.score.weight)
+    torch.testing.assert_close(reloaded.hf.score.weight, model.hf.score.weight.cpu())
