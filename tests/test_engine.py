@@ -136,3 +136,18 @@ def test_two_gloo_processes_train_like_one(tiny_model_dir, tmp_path):
     two = json.loads(result.read_text())
     assert two["world_size"] == 2  # a launch that silently trains alone must not pass
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(single), rtol=0, atol=1e-5)
+
+
+def test_engines_of_different_precision_in_one_process(tiny_model_dir, tmp_path):
+    # Accelerate keeps one precision per process and refuses a second Accelerator asking for another; a pipeline that
+    # trains one model in bf16 and the next in fp32 (or a test suite on a GPU) needs both
+    from transformers import AutoModelForCausalLM
+
+    for i, precision in enumerate(("no", "bf16", "no")):
+        cfg = TrainConfig(
+            batch_size=2, per_device_batch_size=2, max_steps=1, mixed_precision=precision, progress=False
+        )
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        engine = Engine(cfg, tmp_path / str(i), model, num_examples=2)
+        assert engine.accelerator.mixed_precision == precision
+        engine.close()
