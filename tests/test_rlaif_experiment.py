@@ -16,10 +16,17 @@ if str(ROOT) not in sys.path:
 
 import rlxf.feedback.label as label_module  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
+    alignment_by_length,
     assert_disjoint,
     build_judge_rows,
     check_context,
+    deepen,
     judge_label_config,
+    pair_key,
+    pair_keys,
+    prepare_judge_data,
+    same_length,
+    simulated_human_pairs,
     write_preamble,
 )
 from rlxf.feedback.backends import BackendStats, as_prompt  # noqa: E402
@@ -143,3 +150,98 @@ def test_judge_trains_on_the_token_ids_the_labeller_reads(factworld_model_dir, j
     assert check_context(tok, positions, [r["prompt"] for r in rows])["max_prompt_tokens"] + 2 <= positions
     with pytest.raises(ValueError, match="does not fit"):
         check_context(tok, 16, [r["prompt"] for r in rows])
+
+
+def test_extra_pairs_are_new_draws_labelled_by_the_simulated_human(factworld_dir):
+    from rlxf.worlds.factworld import load_factworld
+
+    fw = load_factworld(factworld_dir)
+    rows = simulated_human_pairs(factworld_dir, 3, seed=0)
+    assert rows == simulated_human_pairs(factworld_dir, 3, seed=0)  # seeded
+    assert rows != simulated_human_pairs(factworld_dir, 3, seed=1)
+    assert rows[:20] != read_jsonl(factworld_dir / "preferences_train.jsonl")[:20]  # not the world's own draws
+    # training prompts only (retain prompts never enter preference data), never a test prompt
+    prompts = [r["prompt"] for r in fw.read("prompts_train") if r["kind"] != "retain"]
+    assert {r["prompt"] for r in rows} <= set(prompts)  # a one-fact prompt may draw only identical pairs
+    assert not {r["prompt"] for r in rows} & {r["prompt"] for r in fw.read("prompts_test")}
+    assert 2 * len(prompts) < len(rows) <= 3 * len(prompts)  # 3 draws per prompt, identical pairs dropped
+    temperature = fw.config.temperature
+    assert fw.config.length_bias == 0
+    for r in rows:
+        g_chosen, g_rejected = fw.score(r, r["chosen"]).score, fw.score(r, r["rejected"]).score
+        assert (r["gold_chosen"], r["gold_rejected"]) == (g_chosen, g_rejected)
+        # the simulated human (Bradley-Terry on the gold score, no length bias): P(chosen > rejected) =
+        # sigmoid((g(chosen) - g(rejected)) / T), and the row keeps that probability as its label_prob
+        assert math.isclose(r["label_prob"], 1 / (1 + math.exp(-(g_chosen - g_rejected) / temperature)))
+    # sampled labels, not the gold order: some pairs go to the response the gold score ranks lower
+    assert any(r["gold_chosen"] < r["gold_rejected"] for r in rows)
+
+
+def test_extra_and_validation_pairs_stay_out_of_the_pairs_to_label(factworld_dir, tmp_path):
+    draws = simulated_human_pairs(factworld_dir, 2, seed=0)  # the extra pairs' first draws: shared on purpose
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", draws[:6])
+    data = prepare_judge_data(factworld_dir, pairs, tmp_path / "judge", extra_pairs_per_prompt=2, val_pairs=10)
+    rows = read_jsonl(data["train_file"])
+    val = read_jsonl(data["val_file"])
+    world = read_jsonl(factworld_dir / "preferences_train.jsonl")
+    counts = data["counts"]
+    assert counts["extra_pairs"] == len(draws) and counts["pairs"] == len(world) + len(draws)
+    assert counts["excluded"] >= 6 and counts["rows"] == len(rows) == 2 * (counts["pairs"] - counts["excluded"])
+    assert len(val) == 10
+    assert_disjoint(rows, pairs)
+    assert_disjoint(rows, data["val_file"])
+    key = lambda r: pair_key(r["prompt"].strip(), r["chosen"].strip(), r["rejected"].strip())  # noqa: E731
+    assert not {key(r) for r in val} & (pair_keys(pairs) | {key(r) for r in world})  # fresh validation pairs
+    # every extra draw not shown in pairs.jsonl or the validation pairs is a judge pair, labelled by the human
+    trained = {(r["context"], r["response_1"], r["response_2"]) for r in rows if r["order"] == "chosen_first"}
+    held = pair_keys(pairs) | pair_keys(data["val_file"])
+    assert all(
+        (r["prompt"].strip(), r["chosen"].strip(), r["rejected"].strip()) in trained
+        for r in draws
+        if key(r) not in held
+    )
+
+
+def test_deepened_judge_starts_as_the_model_it_deepens(factworld_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlxf.trainers.common import load_tokenizer
+
+    out = deepen(factworld_model_dir, tmp_path / "deep", 2)
+    base, deep = (AutoModelForCausalLM.from_pretrained(d) for d in (factworld_model_dir, out))
+    n = base.config.num_hidden_layers
+    assert deep.config.num_hidden_layers == len(deep.model.layers) == n + 2
+    assert load_tokenizer(out).get_vocab() == load_tokenizer(factworld_model_dir).get_vocab()
+    ids = torch.randint(3, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    # the new blocks add o_proj(...) = 0 and down_proj(...) = 0 to the residual stream: the same logits
+    torch.testing.assert_close(deep(input_ids=ids).logits, base(input_ids=ids).logits)
+    # ... and they are not dead: their zeroed output projections get a gradient
+    deep(input_ids=ids, labels=ids).loss.backward()
+    for block in deep.model.layers[n:]:
+        assert block.self_attn.o_proj.weight.grad.abs().sum() > 0 and block.mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_alignment_split_by_response_length():
+    # "same length" = the same number of whitespace-separated words, whatever the spacing or the words
+    assert same_length(" Ab's pet is fox.", "Ab's  pet is\towl. ")
+    assert not same_length(" Ab's pet is fox.", " Ab's pet is fox. Ab's city is Oslo.")
+    rows = [
+        {"chosen": " a b c.", "rejected": " a b d.", "human_agrees": True},  # 3 vs 3 words: same length
+        {"chosen": " a b c.", "rejected": " x y z.", "human_agrees": False},  # same length
+        {"chosen": " a b c.", "rejected": " a b.", "human_agrees": False},  # 3 vs 2: different length
+        {"chosen": " a.", "rejected": " a b c d.", "human_agrees": True},  # 1 vs 4: different length
+        {"chosen": " a b.", "rejected": " a b c d.", "human_agrees": True},  # 2 vs 4: different length
+        {"chosen": " a b c d.", "rejected": " w x y z.", "human_agrees": True},  # same length
+    ]
+    # same length: rows 0, 1, 5 -> 2 agree of 3; different length: rows 2, 3, 4 -> 2 agree of 3
+    split = alignment_by_length(rows)
+    assert split == {
+        "same_length": {"alignment": 2 / 3, "n": 3},
+        "different_length": {"alignment": 2 / 3, "n": 3},
+    }
+    # the two classes partition the rows: their counts add up and the weighted alignments give the overall one
+    overall = sum(r["human_agrees"] for r in rows) / len(rows)
+    assert math.isclose(sum(v["alignment"] * v["n"] for v in split.values()) / len(rows), overall)
+    # a class with no rows has no alignment (not 0)
+    assert alignment_by_length(rows[:2])["different_length"] == {"alignment": None, "n": 0}

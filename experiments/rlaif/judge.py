@@ -24,8 +24,10 @@ The labeller then reads P("1") and P("2") after "Preferred Response=" in both or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import random
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,6 +40,7 @@ from rlxf.feedback.label import LabelConfig, as_text, build_template, load_label
 from rlxf.feedback.prompts import build_prompt  # noqa: E402
 from rlxf.sampling import write_jsonl  # noqa: E402
 from rlxf.trainers.sft import SFTConfig, train_sft  # noqa: E402
+from rlxf.worlds.factworld import _preferences, load_factworld  # noqa: E402
 
 logger = logging.getLogger("rlaif.judge")
 
@@ -167,6 +170,37 @@ def check_context(tokenizer: Any, max_positions: int, prompts: Sequence[str]) ->
     }
 
 
+def deepen(model_dir: str | Path, out: str | Path, extra_layers: int) -> Path:
+    """A deeper copy of a Llama-style causal LM that computes exactly what the original computes: `extra_layers`
+    decoder blocks are appended on top, each a copy of the top block with its output projections (attention o_proj,
+    MLP down_proj) set to zero, so it adds nothing to the residual stream until fine-tuning moves them (identity
+    initialisation, as in net2net, Chen et al. 2016, arXiv 1511.05641, §3.2). The new blocks read the original's
+    final residual stream, where the SFT policy's knowledge (the next fact it would write) is already computed.
+    Writes the model and tokenizer to `out`; returns `out`."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlxf.trainers.common import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    layers = model.model.layers
+    top = layers[-1]
+    for _ in range(extra_layers):
+        block = copy.deepcopy(top)
+        block.self_attn.layer_idx = len(layers)  # the KV-cache slot of this block
+        with torch.no_grad():
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        layers.append(block)
+    model.config.num_hidden_layers = len(layers)
+    out = Path(out)
+    model.save_pretrained(out)
+    load_tokenizer(model_dir).save_pretrained(out)
+    return out
+
+
 def train_judge(
     sft_model: str | Path, train_file: str | Path, out: str | Path, train: TrainConfig, max_positions: int
 ) -> Path:
@@ -184,28 +218,123 @@ def train_judge(
     return Path(out) / "final"
 
 
+def simulated_human_pairs(
+    world: str | Path, pairs_per_prompt: int, seed: int, stream: str = "extra"
+) -> list[dict[str, Any]]:
+    """New human-labelled pairs from the world's own generator and simulated human, on `prompts_train.jsonl` only.
+
+    The world's `_preferences` (the code that wrote `preferences_train.jsonl`: two noisy responses per draw, identical
+    pairs dropped, labelled by the simulated human with the world's temperature and length bias) runs again with
+    `pairs_per_prompt` draws per prompt and its own random streams "rlaif-judge/{seed}/{stream}/..." (the world's are
+    "factworld/{seed}/..."), so the draws are new; short answers repeat, so some pairs equal pairs of the world's
+    files. Returns preference rows in the world's format (prompt, chosen, rejected, label_prob, gold_chosen, ...).
+    """
+    fw = load_factworld(world)
+    cfg = dataclasses.replace(fw.config, pairs_per_prompt=pairs_per_prompt)
+    rows, _ = _preferences(
+        fw.kb,
+        fw.read("prompts_train"),
+        cfg,
+        random.Random(f"rlaif-judge/{seed}/{stream}/responses"),
+        random.Random(f"rlaif-judge/{seed}/{stream}/labels"),
+    )
+    return rows
+
+
+def validation_pairs(
+    world: str | Path, n: int, seed: int, exclude_pairs: Iterable[str | Path] = ()
+) -> list[dict[str, Any]]:
+    """`n` human-labelled pairs of the judge's training distribution to choose a judge recipe by (never the pairs
+    it will label, never the world's test files): fresh draws of `simulated_human_pairs` (stream "validation"), one
+    per (prompt, unordered pair), none in `exclude_pairs`, in a seeded random order."""
+    excluded = set()
+    for path in exclude_pairs:
+        excluded |= pair_keys(path)
+    draws = simulated_human_pairs(world, 2, seed, stream="validation")
+    random.Random(f"rlaif-judge/{seed}/validation/order").shuffle(draws)
+    out, seen = [], set()
+    for row in draws:
+        key = pair_key(row["prompt"].strip(), row["chosen"].strip(), row["rejected"].strip())
+        if key not in excluded and key not in seen:
+            seen.add(key)
+            out.append(row)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} new validation pairs could be drawn, {n} asked; ask for fewer")
+    return out[:n]
+
+
+def same_length(a: str, b: str) -> bool:
+    """True when two responses have the same number of whitespace-separated words (`str.split`). In FactWorld such
+    pairs state the same number of facts and differ only in the values they state, so the length of an answer tells
+    nothing about which one is better (the judge-recipe study's "same-length" pairs)."""
+    return len(a.split()) == len(b.split())
+
+
+def alignment_by_length(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Alignment of labelled rows (`rlxf label` output: chosen, rejected, human_agrees) split by `same_length`.
+
+    Returns {"same_length": {"alignment", "n"}, "different_length": {"alignment", "n"}}: the share of rows with
+    `human_agrees` (ties already count as disagreement there) and the number of rows; alignment is None when n = 0.
+    """
+    agrees: dict[str, list[bool]] = {"same_length": [], "different_length": []}
+    for r in rows:
+        key = "same_length" if same_length(r["chosen"], r["rejected"]) else "different_length"
+        agrees[key].append(bool(r["human_agrees"]))
+    return {k: {"alignment": sum(v) / len(v) if v else None, "n": len(v)} for k, v in agrees.items()}
+
+
 def prepare_judge_data(
-    world: str | Path, pairs: str | Path, out: str | Path, preferences_file: str | Path | None = None
+    world: str | Path,
+    pairs: str | Path,
+    out: str | Path,
+    preferences_file: str | Path | None = None,
+    extra_pairs_per_prompt: int = 0,
+    val_pairs: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Write out/preamble.txt and out/judge_train.jsonl from the world's preferences_train.jsonl, excluding the
-    pairs of `pairs`; assert disjointness. Returns paths and counts."""
+    pairs of `pairs`; assert disjointness. Returns paths and counts.
+
+    `extra_pairs_per_prompt` > 0 adds that many new draws per training prompt from the world's generator and simulated
+    human (`simulated_human_pairs`, written to out/extra_preferences.jsonl; out/judge_preferences.jsonl holds all the
+    judge's pairs). `val_pairs` > 0 writes out/judge_val.jsonl, that many fresh pairs of the same distribution kept out
+    of the training rows (and of the world's preferences_train and `pairs`), to choose a recipe by.
+    """
     out = Path(out)
     preamble = write_preamble(out / "preamble.txt")
     cfg = judge_label_config(preamble)
     prefs = Path(preferences_file or Path(world) / "preferences_train.jsonl")
-    rows, counts = build_judge_rows(cfg, prefs, exclude_pairs=[pairs])
-    assert_disjoint(rows, pairs)
+    exclude: list[str | Path] = [pairs]
+    result: dict[str, Any] = {"preamble": preamble}
+    if val_pairs:
+        val_file = out / "judge_val.jsonl"
+        write_jsonl(val_file, validation_pairs(world, val_pairs, seed, exclude_pairs=[pairs, prefs]))
+        exclude.append(val_file)
+        result["val_file"] = val_file
+    extra: list[dict[str, Any]] = []
+    if extra_pairs_per_prompt:
+        extra = simulated_human_pairs(world, extra_pairs_per_prompt, seed)
+        write_jsonl(out / "extra_preferences.jsonl", extra)
+        combined = out / "judge_preferences.jsonl"
+        write_jsonl(combined, [json.loads(line) for line in prefs.read_text().splitlines() if line.strip()] + extra)
+        prefs = combined
+    rows, counts = build_judge_rows(cfg, prefs, exclude_pairs=exclude)
+    for path in exclude:
+        assert_disjoint(rows, path)
+    counts["extra_pairs"] = len(extra)
     train_file = out / "judge_train.jsonl"
     write_jsonl(train_file, rows)
     logger.info(
-        "judge data: %d rows from %d human-labelled pairs of %s (%d pairs shared with %s excluded)",
+        "judge data: %d rows from %d human-labelled pairs of %s (%d new draws; %d pairs shared with %s%s excluded)",
         counts["rows"],
         counts["pairs"],
         prefs,
+        counts["extra_pairs"],
         counts["excluded"],
         pairs,
+        f" or the {val_pairs} validation pairs" if val_pairs else "",
     )
-    return {"preamble": preamble, "train_file": train_file, "counts": counts}
+    return result | {"train_file": train_file, "counts": counts}
 
 
 def main() -> None:
@@ -216,6 +345,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="rows per optimiser step")
     p.add_argument("--seed", type=int, default=0, help="data-order seed")
+    p.add_argument(
+        "--extra-pairs",
+        type=int,
+        default=0,
+        help="new human-labelled pairs per training prompt from the world's generator (simulated_human_pairs)",
+    )
+    p.add_argument("--extra-layers", type=int, default=0, help="identity-initialised blocks added on top (deepen)")
+    p.add_argument("--val-pairs", type=int, default=0, help="fresh pairs held out of the rows to choose a recipe by")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from transformers import AutoConfig
@@ -223,7 +360,13 @@ def main() -> None:
     from rlxf.trainers.common import load_tokenizer
 
     base = Path(args.base)
-    data = prepare_judge_data(base / "world", base / "pairs.jsonl", args.out)
+    data = prepare_judge_data(
+        base / "world",
+        base / "pairs.jsonl",
+        args.out,
+        extra_pairs_per_prompt=args.extra_pairs,
+        val_pairs=args.val_pairs,
+    )
     sft = base / "sft" / "final"
     positions = AutoConfig.from_pretrained(sft).max_position_embeddings
     rows = [json.loads(line) for line in Path(data["train_file"]).read_text().splitlines()]
@@ -237,7 +380,8 @@ def main() -> None:
         seed=args.seed,
         report_to="none",
     )
-    print(train_judge(sft, data["train_file"], Path(args.out) / "sft", train, positions))
+    start = deepen(sft, Path(args.out) / "start", args.extra_layers) if args.extra_layers else sft
+    print(train_judge(start, data["train_file"], Path(args.out) / "sft", train, positions))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import factworld_base  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
     check_context,
+    deepen,
     judge_label_config,
     labelling_prompts,
     prepare_judge_data,
@@ -75,6 +76,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the DPO and PPO runs")
     p.add_argument("--judge-epochs", type=float, default=3.0, help="passes of the judge over its rows")
     p.add_argument("--judge-lr", type=float, default=1e-3, help="judge learning rate")
+    p.add_argument(
+        "--judge-extra-pairs",
+        type=int,
+        default=0,
+        help="new human-labelled pairs per training prompt for the judge, from the world's generator and simulated "
+        "human (judge.simulated_human_pairs; 0: the world's preferences_train only)",
+    )
+    p.add_argument(
+        "--judge-extra-layers",
+        type=int,
+        default=0,
+        help="decoder blocks added on top of the SFT policy before the judge's fine-tune (judge.deepen: identity "
+        "initialised, so the start computes what SFT computes)",
+    )
+    p.add_argument(
+        "--judge-val-pairs",
+        type=int,
+        default=0,
+        help="fresh pairs of the judge's own distribution held out of its rows and labelled to choose a recipe by",
+    )
     p.add_argument("--fit-pairs", type=int, default=400, help="judge training pairs relabelled to measure its fit")
     p.add_argument("--rm-epochs", type=float, default=2.0, help="AI reward-model passes (the base RM's setting)")
     p.add_argument("--rm-lr", type=float, default=1e-3, help="AI reward-model learning rate (the base RM's)")
@@ -160,7 +181,13 @@ def stage_judge(args, base: dict[str, Path], out: Path) -> dict[str, Any]:
     from rlxf.trainers.common import load_tokenizer
 
     jdir = out / "judge"
-    data = prepare_judge_data(base["world"], base["pairs"], jdir)
+    data = prepare_judge_data(
+        base["world"],
+        base["pairs"],
+        jdir,
+        extra_pairs_per_prompt=args.judge_extra_pairs,
+        val_pairs=args.judge_val_pairs,
+    )
     rows = read_jsonl(data["train_file"])
     if args.smoke:  # a few hundred rows, both orders of each pair kept together
         rows = rows[:256]
@@ -180,8 +207,9 @@ def stage_judge(args, base: dict[str, Path], out: Path) -> dict[str, Any]:
     seconds = 0.0
     if not finished(model_dir):
         start = time.perf_counter()
+        start_model = deepen(base["sft"], jdir / "start", args.judge_extra_layers) if args.judge_extra_layers else None
         train_judge(
-            base["sft"],
+            start_model or base["sft"],
             data["train_file"],
             model_dir,
             train_cfg(args, args.judge_epochs, args.judge_lr, 0, 12),
@@ -201,6 +229,7 @@ def stage_judge(args, base: dict[str, Path], out: Path) -> dict[str, Any]:
         "context": context,
         "train_nll_last20": sum(nll[-20:]) / len(nll[-20:]),
         "seconds": seconds,
+        "val_file": data.get("val_file"),
     }
 
 
@@ -454,6 +483,9 @@ def main() -> None:
     ai = timed(times, "label pairs", label_with, judge, args, pairs, labels / "ai_pairs.jsonl")
     ai_heldout = timed(times, "label held-out", label_with, judge, args, heldout, labels / "heldout.jsonl")
     ai_fit = timed(times, "label fit", label_with, judge, args, fit_src, labels / "judge_fit.jsonl")
+    ai_val = None
+    if judge["val_file"]:
+        ai_val = timed(times, "label val", label_with, judge, args, judge["val_file"], labels / "judge_val.jsonl")
     http = None
     if args.http:
         http_src = head_file(pairs, labels / "inputs" / "http_pairs.jsonl", args.http_pairs)
@@ -478,6 +510,9 @@ def main() -> None:
     lab["heldout_oracle_alignment"] = labeller_metrics(ai_heldout, read_jsonl(heldout))["oracle_alignment"]
     lab["heldout_position_bias_rate"] = ai_heldout["position_bias_rate"]
     lab["fit_alignment"] = ai_fit["alignment"]
+    if ai_val:
+        lab["val_alignment"] = ai_val["alignment"]
+        lab["val_oracle_alignment"] = labeller_metrics(ai_val, read_jsonl(judge["val_file"]))["oracle_alignment"]
     lab["label_seconds"] = ai["stats_full"]["seconds"]
     lab["likelihood_judge"] = likelihood_judge(base["sft"], pairs)
     lab["likelihood_judge_heldout"] = likelihood_judge(base["sft"], heldout)
@@ -676,14 +711,28 @@ def render(results: dict[str, Any], args) -> str:
         else ""
     )
     c = judge["counts"]
+    extra = (
+        f": the world's preferences_train plus {c['extra_pairs']} new draws of its generator and simulated human"
+        if c.get("extra_pairs")
+        else ""
+    )
+    layers = f"; SFT policy + {args.judge_extra_layers} identity-initialised blocks" if args.judge_extra_layers else ""
+    val = (
+        f" On {args.judge_val_pairs} validation pairs of its own distribution (held out of its rows) its alignment is "
+        f"{lab['val_alignment']:.3f} (noiseless gold judge {lab['val_oracle_alignment']:.3f})."
+        if "val_alignment" in lab
+        else ""
+    )
     seeds = f"seed {args.seeds[0]}" if n == 1 else f"seeds {args.seeds} (mean ± sd)"
     return (
-        f"Base `{args.base}`; judge: {c['rows']} rows ({c['pairs'] - c['excluded']} human-labelled pairs × 2 orders; "
-        f"{c['excluded']} pairs shared with `pairs.jsonl` left out), prompts ≤ {judge['context']['max_prompt_tokens']} "
+        f"Base `{args.base}`; judge: {c['rows']} rows ({c['pairs'] - c['excluded']} human-labelled pairs × 2 orders"
+        f"{extra}; {c['excluded']} pairs shared with `pairs.jsonl`"
+        f"{' or the validation pairs' if args.judge_val_pairs else ''} left out){layers}, "
+        f"prompts ≤ {judge['context']['max_prompt_tokens']} "
         f"of {judge['context']['context']} tokens, {args.judge_epochs:g} epochs at lr {args.judge_lr:g}, final train "
         f"NLL/token {judge['train_nll_last20']:.3f}. The judge relabelled {lab['n']} pairs "
         f"({lab['n_ties']} ties, {lab['n_dropped']} dropped) in {lab['label_seconds']:.0f} s; its alignment with the "
-        f"human labels of {args.fit_pairs} of its own training pairs is {lab['fit_alignment']:.3f}.\n\n"
+        f"human labels of {args.fit_pairs} of its own training pairs is {lab['fit_alignment']:.3f}.{val}\n\n"
         + "\n".join(lab_lines)
         + f"\n\nThe judge's P(slot 1) averages {lab['mean_p_slot1']:.3f} over both orders, while the debiased P(a ≻ b) "
         f"is on average {lab['mean_abs_p_a_minus_half']:.3f} from ½; alignment on fact prompts "
