@@ -8,10 +8,13 @@ rebuild it).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from any directory: import the rlxf of this checkout
@@ -110,3 +113,13 @@ def factworld_base(root: str | Path, seed: int = 0, progress: bool = True) -> di
             )
         )
     return paths
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of per-seed results."""
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))

@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import rlxf.feedback.label as label_module  # noqa: E402
+from experiments.common import read_jsonl  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
     alignment_by_length,
     assert_disjoint,
@@ -30,10 +31,6 @@ from experiments.rlaif.judge import (  # noqa: E402
     write_preamble,
 )
 from rlxf.feedback.backends import BackendStats, as_prompt  # noqa: E402
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

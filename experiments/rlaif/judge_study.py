@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.common import read_jsonl  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
     alignment_by_length,
     deepen,
@@ -135,10 +136,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def ceiling(rows: list[dict[str, Any]]) -> float | None:

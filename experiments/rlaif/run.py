@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base  # noqa: E402
+from experiments.common import factworld_base, mean_sd, read_jsonl  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
     check_context,
     deepen,
@@ -127,10 +127,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def head_file(src: Path, dst: Path, n: int) -> Path:
     """The first n rows of a JSONL file (smoke-sized inputs)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -156,11 +152,6 @@ def train_cfg(args, epochs: float, lr: float, seed: int, smoke_steps: int, **kw:
 
 def finished(run_dir: Path) -> bool:
     return (run_dir / "final" / "config.json").exists()
-
-
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))
 
 
 def timed(times: dict[str, float], name: str, fn, *a, **kw):

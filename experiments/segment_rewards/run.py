@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base  # noqa: E402
+from experiments.common import factworld_base, mean_sd  # noqa: E402
 from rlxf.credit import CreditConfig  # noqa: E402
 from rlxf.credit_view import SegmentQualityConfig, run_segment_quality  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
@@ -129,11 +128,6 @@ def run_one(args, base: dict[str, Path], optimiser: str, granularity: str, seed:
 
 def slug(optimiser: str, granularity: str, seed: int) -> str:
     return f"{optimiser.replace(' ', '_')}-{granularity}-seed{seed}"
-
-
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))
 
 
 def pair_statistics(pairs_file: Path, world_dir: Path) -> dict[str, float]:

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base  # noqa: E402
+from experiments.common import factworld_base, mean_sd  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.evaluation import EvalConfig, run_eval  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402
@@ -94,11 +93,6 @@ def ppo_run(args, base: dict[str, Path], name: str, spec: str, seed: int, out: P
     record = {"history": result["history"], "seconds": time.perf_counter() - start}
     done.write_text(json.dumps(record))
     return record
-
-
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))
 
 
 def plot(curves: dict[str, list[list[float]]], rollouts_per_step: int, path: Path) -> None:
