@@ -210,6 +210,26 @@ def _collect(items: Iterator[tuple[int, Any]], n: int) -> list[Any]:
     return out
 
 
+class _ListCalls:
+    """A backend's list-returning calls, built on its `iter_*` methods (a prompt too long for the model raises)."""
+
+    def next_token_logprobs(self, prompts: Sequence[Prompt | str], k: int, labels: Sequence[str] = ()) -> list[TopK]:
+        return _collect(self.iter_next_token_logprobs(prompts, k, labels), len(prompts))
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt | str],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> list[str]:
+        return _collect(self.iter_generate(prompts, max_new_tokens, temperature, top_k, seed), len(prompts))
+
+    def generate_greedy(self, prompts: Sequence[Prompt | str], max_new_tokens: int) -> list[str]:
+        return self.generate(prompts, max_new_tokens)
+
+
 # --- local transformers model ----------------------------------------------------------------------------------------
 
 
@@ -277,7 +297,7 @@ def decode_one(
     return new_ids, dists
 
 
-class LocalBackend:
+class LocalBackend(_ListCalls):
     """A `transformers` causal LM in this process (batched, left padding, full vocabulary).
 
     Completions mode encodes `prompt.text` with the tokenizer's special tokens (BOS), as vLLM does for completions;
@@ -387,9 +407,6 @@ class LocalBackend:
             for row, i in enumerate(chunk):
                 yield i, topk_map(logp[row], k, self.tokenizer, extra)
 
-    def next_token_logprobs(self, prompts: Sequence[Prompt | str], k: int, labels: Sequence[str] = ()) -> list[TopK]:
-        return _collect(self.iter_next_token_logprobs(prompts, k, labels), len(prompts))
-
     # -- generation
 
     def iter_generate(
@@ -438,19 +455,6 @@ class LocalBackend:
             )
             for i, ids in zip(chunk, new):
                 yield i, self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def generate(
-        self,
-        prompts: Sequence[Prompt | str],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        seed: int = 0,
-    ) -> list[str]:
-        return _collect(self.iter_generate(prompts, max_new_tokens, temperature, top_k, seed), len(prompts))
-
-    def generate_greedy(self, prompts: Sequence[Prompt | str], max_new_tokens: int) -> list[str]:
-        return self.generate(prompts, max_new_tokens)
 
     def close(self) -> None:
         pass
@@ -511,7 +515,7 @@ def _check_top(top: Any) -> TopK:
     return {str(t): float(v) for t, v in top.items()}
 
 
-class OpenAIBackend:
+class OpenAIBackend(_ListCalls):
     """Any OpenAI-compatible server (completions or chat completions, with log-probs).
 
     Scoring sends `max_tokens=1, temperature=0` and `logprobs=k` (completions; reads `choices[0].logprobs.
@@ -711,9 +715,6 @@ class OpenAIBackend:
         """Top-k maps only: `labels` cannot be asked of a server (missing labels are imputed downstream)."""
         return self._imap(lambda p: self._logprobs_one(p, k), prompts)
 
-    def next_token_logprobs(self, prompts: Sequence[Prompt | str], k: int, labels: Sequence[str] = ()) -> list[TopK]:
-        return _collect(self.iter_next_token_logprobs(prompts, k, labels), len(prompts))
-
     def _generate_one(
         self, prompt: Prompt | str, max_new_tokens: int, temperature: float, top_k: int, seed: int
     ) -> str:
@@ -735,19 +736,6 @@ class OpenAIBackend:
         seed: int = 0,
     ) -> Iterator[tuple[int, str | PromptTooLongError]]:
         return self._imap(lambda p: self._generate_one(p, max_new_tokens, temperature, top_k, seed), prompts)
-
-    def generate(
-        self,
-        prompts: Sequence[Prompt | str],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        seed: int = 0,
-    ) -> list[str]:
-        return _collect(self.iter_generate(prompts, max_new_tokens, temperature, top_k, seed), len(prompts))
-
-    def generate_greedy(self, prompts: Sequence[Prompt | str], max_new_tokens: int) -> list[str]:
-        return self.generate(prompts, max_new_tokens)
 
     def close(self) -> None:
         self._closed.set()
