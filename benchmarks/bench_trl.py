@@ -411,14 +411,18 @@ def build_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"step_tokens": step_tokens, "longest_sequence": longest, "num_pairs": n}
 
 
-def run_child(spec: Spec, env: dict[str, str]) -> dict[str, Any]:
+def run_child(spec: Any, env: dict[str, str], script: str | Path = __file__, label: str = "") -> dict[str, Any]:
+    """Run one side of a benchmark (`script --child spec.json`) in a fresh process; returns its result JSON.
+
+    `spec` is the benchmark's Spec dataclass (fields out, result, side); `label` names the run in errors."""
+    label = label or f"{spec.side}/{spec.task}"
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     spec_path = Path(spec.out) / "spec.json"
     spec_path.write_text(json.dumps(asdict(spec)))
     log_path = Path(spec.out) / "child.log"
     with log_path.open("w") as log:
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+            [sys.executable, str(Path(script).resolve()), "--child", str(spec_path)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -426,7 +430,7 @@ def run_child(spec: Spec, env: dict[str, str]) -> dict[str, Any]:
         )
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
-        raise SystemExit(f"{spec.side}/{spec.task} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        raise SystemExit(f"{label} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     return json.loads(Path(spec.result).read_text())
 
 

@@ -26,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,7 +37,7 @@ for _p in (str(ROOT), str(HERE)):  # this checkout's rlxf, and bench_trl / rloo_
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from bench_trl import PeakMemory, StepClock, _set_threads, child_env, parse_with_model_args  # noqa: E402
+from bench_trl import PeakMemory, StepClock, _set_threads, child_env, parse_with_model_args, run_child  # noqa: E402
 
 REWARD_RLXF = "callable:rloo_reward:rlxf_reward"
 
@@ -254,27 +254,6 @@ def build_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def run_child(spec: Spec, env: dict[str, str]) -> dict[str, Any]:
-    import subprocess
-
-    Path(spec.out).mkdir(parents=True, exist_ok=True)
-    spec_path = Path(spec.out) / "spec.json"
-    spec_path.write_text(json.dumps(asdict(spec)))
-    log_path = Path(spec.out) / "child.log"
-    with log_path.open("w") as log:
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=str(ROOT),
-        )
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-3000:]
-        raise SystemExit(f"{spec.side} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    return json.loads(Path(spec.result).read_text())
-
-
 def summarise(result: dict[str, Any], responses_per_step: int, warmup: int) -> dict[str, Any]:
     times = result["step_end_times"]
     step_tokens = [round(m * responses_per_step) for m in result["mean_length"]]  # this side's own samples
@@ -369,7 +348,7 @@ def parent_main(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 device=args.device,
             )
-            result = run_child(spec, env)
+            result = run_child(spec, env, __file__, spec.side)
             result |= summarise(result, args.prompts_per_step * args.k, args.warmup)
             print(f"run {rep + 1}/{args.repeats} {side}: {result['tokens_per_s']:,.0f} response tokens/s", flush=True)
             runs[side].append(result)
