@@ -346,10 +346,10 @@ def build_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from rlxf.data.tokenize import encode_preferences
     from rlxf.engine import Engine, TrainConfig
+    from rlxf.hf import load_tokenizer
     from rlxf.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
-    from rlxf.tokenization import encode_preferences
-    from rlxf.trainers.common import load_tokenizer
     from rlxf.worlds.factworld import FactWorldConfig, write_factworld
 
     transformers.logging.set_verbosity_error()  # the fresh score head's load report is expected

@@ -206,10 +206,10 @@ def child_main(spec_path: str) -> None:
 
 def build_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """World, prompts file, tokenizer and the tiny policy (= reference), built once; rlxf's prompt order."""
+    from rlxf.data.tokenize import encode_prompts
     from rlxf.engine import Engine, TrainConfig
+    from rlxf.hf import load_tokenizer
     from rlxf.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
-    from rlxf.tokenization import encode_prompts
-    from rlxf.trainers.common import load_tokenizer
     from rlxf.worlds.factworld import FactWorldConfig, write_factworld
 
     work.mkdir(parents=True, exist_ok=True)

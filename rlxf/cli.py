@@ -124,13 +124,13 @@ def _rejection_sampling() -> Command:
 
 
 def _segments_show() -> Command:
-    from rlxf.credit_view import ShowSegmentsConfig, run_show_segments
+    from rlxf.credit.inspect import ShowSegmentsConfig, run_show_segments
 
     return Command(ShowSegmentsConfig, lambda cfg: print(run_show_segments(cfg)))
 
 
 def _segments_quality() -> Command:
-    from rlxf.credit_view import SegmentQualityConfig, run_segment_quality
+    from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality
 
     return Command(
         SegmentQualityConfig, lambda cfg: print(json.dumps(run_segment_quality(cfg), indent=2, default=str))
@@ -138,7 +138,7 @@ def _segments_quality() -> Command:
 
 
 def _serve() -> Command:
-    from rlxf.feedback.serve import ServeConfig, run_serve
+    from rlxf.backends.serve import ServeConfig, run_serve
 
     return Command(ServeConfig, run_serve)
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from rlxf.data import load_preferences, load_prompts
-from rlxf.sampling import GenerationSettings, load_policy, sample_responses
-from rlxf.tokenization import encode_preferences, encode_prompts, pad
+from rlxf.data.formats import load_preferences, load_prompts
+from rlxf.data.tokenize import encode_preferences, encode_prompts, pad
+from rlxf.hf import load_policy
+from rlxf.sampling import GenerationSettings, sample_responses
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ def sequence_kl(
 
 
 def reward_model_accuracy(rm_dir: str, pairs_file: str, batch_size: int = 32) -> float:
+    from rlxf.hf import load_tokenizer
     from rlxf.models.reward_model import RewardModel
-    from rlxf.trainers.common import load_tokenizer
     from rlxf.trainers.rm import evaluate_pairs
 
     tokenizer = load_tokenizer(rm_dir)

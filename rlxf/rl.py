@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlxf.rewards import scalar_to_token_rewards
+from rlxf.rewards.contract import scalar_to_token_rewards
 
 Reduction = Literal["token", "sequence"]
 

@@ -5,9 +5,7 @@ Shapes: B prompts in a batch, L prompt length (left-padded), N new tokens.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +13,9 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from rlxf.tokenization import pad
+from rlxf.data.formats import write_jsonl
+from rlxf.data.tokenize import pad
+from rlxf.hf import load_policy
 
 logger = logging.getLogger(__name__)
 
@@ -191,19 +191,6 @@ class SampleConfig:
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
 
 
-def load_policy(path: str) -> tuple[torch.nn.Module, Any]:
-    """A causal LM and its tokenizer from a save_pretrained directory, on the GPU when there is one."""
-    from transformers import AutoModelForCausalLM
-
-    from rlxf.trainers.common import load_tokenizer
-
-    tokenizer = load_tokenizer(path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, tokenizer
-
-
 def sample_responses(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -240,8 +227,8 @@ def load_encoded_prompts(
     path: str, tokenizer: Any, out_file: Path, on_bad_row: str, max_prompt_length: int
 ) -> list[dict[str, Any]]:
     """Prompt rows read and tokenized; in skip mode the rejected rows of both steps go to `<out_file>.rejected.jsonl`."""
-    from rlxf.data import load_prompts
-    from rlxf.tokenization import encode_prompts
+    from rlxf.data.formats import load_prompts
+    from rlxf.data.tokenize import encode_prompts
 
     rejected = out_file.with_suffix(".rejected.jsonl")
     rows = load_prompts(path, on_bad_row=on_bad_row, rejected_path=rejected)
@@ -262,11 +249,3 @@ def run_sample(cfg: SampleConfig) -> Path:
     return out
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows (without their private `_` keys) atomically: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

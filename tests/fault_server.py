@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from rlxf.feedback.serve import OpenAIHandler, ServeEngine, start_server
+from rlxf.backends.serve import OpenAIHandler, ServeEngine, start_server
 
 FAULTS = ("500", "429", "timeout", "malformed", "wrong", "drop")
 

@@ -1,4 +1,4 @@
-"""Labeller backends (rlxf.feedback.backends): the local model against a direct forward pass, the HTTP client against
+"""Labeller backends (rlxf.backends.base): the local model against a direct forward pass, the HTTP client against
 `rlxf serve` on loopback, and retries against a server that injects faults."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from fault_server import FaultSchedule, start_fault_server
 from transformers import AutoModelForCausalLM
 
-from rlxf.feedback.backends import (
+from rlxf.backends import (
     BackendError,
     LocalBackend,
     OpenAIBackend,
@@ -19,9 +19,9 @@ from rlxf.feedback.backends import (
     PromptTooLongError,
     parse_backend_spec,
 )
+from rlxf.backends.serve import ServeEngine, start_server
 from rlxf.feedback.label import LabelConfig, run_label
-from rlxf.feedback.labels import label_logprobs, label_logprobs_from_topk, label_token_ids
-from rlxf.feedback.serve import ServeEngine, start_server
+from rlxf.feedback.label_math import label_logprobs, label_logprobs_from_topk, label_token_ids
 from rlxf.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
 
 ENDING = "Preferred Summary="

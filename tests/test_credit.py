@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlxf.credit import (
+from rlxf.credit.segments import (
     CreditConfig,
     Segment,
     agreement_mask,

@@ -1,4 +1,4 @@
-"""rlxf.credit_view: credit of tokenized responses, `rlxf segments show` and `rlxf segments quality`."""
+"""rlxf.credit.inspect: credit of tokenized responses, `rlxf segments show` and `rlxf segments quality`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import sys
 import pytest
 import torch
 
-from rlxf.credit import CreditConfig, agreement_mask, segment
-from rlxf.credit_view import (
+from rlxf.credit.inspect import (
     SegmentQualityConfig,
     ShowSegmentsConfig,
     assign_credit,
@@ -28,6 +27,7 @@ from rlxf.credit_view import (
     token_texts,
     visible,
 )
+from rlxf.credit.segments import CreditConfig, agreement_mask, segment
 from rlxf.models.tiny import train_tokenizer
 
 TEXT = " Zorbin's colour is red."

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlxf.data import (
+from rlxf.data.formats import (
     DataError,
     default_rejected_path,
     describe_origin,
@@ -22,7 +22,7 @@ from rlxf.data import (
     split_implicit_prompt,
 )
 
-HH = Path("/work/shared/data/hh_rlhf/harmless-base/test.jsonl.gz")
+HH = Path(__file__).parent / "data" / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
 
 USER = [{"role": "user", "content": "What colour is Zorb?"}]
 ASSISTANT_A = [{"role": "assistant", "content": "Zorb is blue."}]
@@ -364,18 +364,18 @@ def test_datasets_dict_dir_asks_for_a_split(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The real HH-RLHF sample (shared/data/hh_rlhf), read unchanged
+# The real HH-RLHF sample (tests/data/hh_rlhf, with its licence), read unchanged
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HH.exists(), reason="shared HH-RLHF sample not present")
+
 def test_hh_rlhf_sample_errors_on_first_edge_case():
     with pytest.raises(DataError) as info:
         load_preferences(HH)
     assert f"{HH}, line 87, field 'chosen': empty response" in str(info.value)
 
 
-@pytest.mark.skipif(not HH.exists(), reason="shared HH-RLHF sample not present")
+
 def test_hh_rlhf_sample_loads_with_skips(tmp_path, caplog):
     side = tmp_path / "rej.jsonl"
     with caplog.at_level(logging.WARNING, logger="rlxf.data"):

@@ -135,8 +135,8 @@ def test_short_dpo_run_raises_the_margin_and_changes_every_parameter(factworld_m
 
 def _encoded_pairs(model_dir, world, n=4):
     from rlxf.data import load_preferences
-    from rlxf.tokenization import encode_preferences
-    from rlxf.trainers.common import load_tokenizer
+    from rlxf.data.tokenize import encode_preferences
+    from rlxf.hf import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     return encode_preferences(load_preferences(world / "preferences_train.jsonl")[:n], tok), tok.pad_token_id
@@ -238,7 +238,7 @@ def test_masked_dpo_gradient_is_zero_on_masked_tokens(factworld_model_dir, factw
 
 
 def test_masked_dpo_needs_token_rewards():
-    from rlxf.credit import CreditConfig
+    from rlxf.credit.segments import CreditConfig
 
     with pytest.raises(ValueError, match="needs credit.token_reward"):
         DPOConfig(credit=CreditConfig(granularity="segment"))
@@ -249,7 +249,7 @@ def test_short_masked_dpo_run_on_factworld(factworld_model_dir, factworld_dir, t
 
     from transformers import AutoModelForCausalLM
 
-    from rlxf.credit import CreditConfig
+    from rlxf.credit.segments import CreditConfig
 
     model = AutoModelForCausalLM.from_pretrained(factworld_model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -274,7 +274,7 @@ def zero_rewards(prompts, texts):
 
 
 def test_masked_dpo_with_no_signal_drops_every_pair(factworld_model_dir, factworld_dir, tmp_path):
-    from rlxf.credit import CreditConfig
+    from rlxf.credit.segments import CreditConfig
 
     credit = CreditConfig(granularity="token", token_reward=f"callable:{__name__}:zero_rewards")
     with pytest.raises(ValueError, match="every training pair lost both masks"):
@@ -288,7 +288,7 @@ def positive_rewards(prompts, texts):
 def test_all_positive_rewards_keep_chosen_whole_and_every_pair_one_sided(factworld_model_dir, factworld_dir, tmp_path):
     # spec §4: token rewards ≥ 0 with a positive segment mean give a full chosen mask and an empty rejected mask;
     # the pair is kept (one-sided), never dropped
-    from rlxf.credit import CreditConfig
+    from rlxf.credit.segments import CreditConfig
 
     credit = CreditConfig(granularity="segment", token_reward=f"callable:{__name__}:positive_rewards")
     hist = train_dpo(_cfg(factworld_model_dir, factworld_dir, tmp_path, credit=credit, train={"max_steps": 1}))[

@@ -1,4 +1,4 @@
-"""`rlxf label` (rlxf.feedback.label) and the d-RLAIF source (rlxf.feedback.direct): hand-computed labels through a
+"""`rlxf label` (rlxf.feedback.label) and the d-RLAIF source (rlxf.rewards.rlaif): hand-computed labels through a
 scripted backend, real labelling with the tiny model (local, chat, over HTTP), harmless inversion, metrics,
 kill-and-resume through the CLI, bad input."""
 
@@ -21,12 +21,12 @@ from fault_server import FaultSchedule, start_fault_server
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rlxf.feedback.backends import BackendConfig, BackendStats, LocalBackend, as_prompt
-from rlxf.feedback.direct import DirectScoreSource, strip_trailing
+from rlxf.backends import BackendConfig, BackendStats, LocalBackend, as_prompt
+from rlxf.backends.serve import ServeEngine, start_server
 from rlxf.feedback.label import LabelConfig, PairwiseLabeler, run_label
-from rlxf.feedback.labels import expected_calibration_error
+from rlxf.feedback.label_math import expected_calibration_error
 from rlxf.feedback.prompts import HARMLESS_BASE, SUMMARIZE_BASE, LabellingTemplate
-from rlxf.feedback.serve import ServeEngine, start_server
+from rlxf.rewards.rlaif import DirectScoreSource, strip_trailing
 
 WORDS = "red blue green cat dog fish apple pear plum paris rome oslo the of and".split()
 L = math.log

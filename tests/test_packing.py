@@ -1,4 +1,4 @@
-"""Packed preference pairs give the rewards and log-probs of the padded layout (rlxf.packing)."""
+"""Packed preference pairs give the rewards and log-probs of the padded layout (rlxf.data.packing)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 import torch
 from transformers import AutoModelForCausalLM
 
+from rlxf.data.packing import first_fit_decreasing, pack_pairs
 from rlxf.models.reward_model import RewardModel
-from rlxf.packing import first_fit_decreasing, pack_pairs
 from rlxf.trainers.dpo import collate_dpo, response_logps
 from rlxf.trainers.rm import collate_pairs, pair_rewards
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.credit import CreditConfig
+from rlxf.credit.segments import CreditConfig
 from rlxf.engine import TrainConfig
 from rlxf.sampling import GenerationSettings
 from rlxf.trainers.ppo import PPOConfig, ReinforceConfig, advantages_and_masks, ppo_loss, train_ppo

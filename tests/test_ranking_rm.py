@@ -17,11 +17,11 @@ from rlxf.collapse.commands import DiagnoseConfig, PredictConfig, run_diagnose, 
 from rlxf.collapse.losses import utility_ranking_loss
 from rlxf.collapse.utilities import utility
 from rlxf.data import load_rankings
+from rlxf.data.tokenize import encode_rankings
 from rlxf.engine import TrainConfig
+from rlxf.hf import load_tokenizer
 from rlxf.models.reward_model import RewardModel
 from rlxf.models.tiny import TinyModelConfig, make_tiny_model
-from rlxf.tokenization import encode_rankings
-from rlxf.trainers.common import load_tokenizer
 from rlxf.trainers.ranking_rm import (
     collate_rankings,
     completion_values,

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from rlxf.credit import CreditConfig
+from rlxf.credit.segments import CreditConfig
 from rlxf.engine import TrainConfig
 from rlxf.sampling import GenerationSettings
 from rlxf.trainers.rejection_sampling import (
@@ -80,8 +80,8 @@ def test_picks_the_best_of_n_by_the_reward_source(factworld_model_dir, factworld
 
 def _winners(model_dir, world, n=3, seed=0):
     from rlxf.data import load_prompts
-    from rlxf.tokenization import encode_prompts
-    from rlxf.trainers.common import load_tokenizer
+    from rlxf.data.tokenize import encode_prompts
+    from rlxf.hf import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     rows = encode_prompts(load_prompts(world / "prompts_train.jsonl")[:n], tok)

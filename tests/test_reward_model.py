@@ -1,8 +1,8 @@
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from rlxf.data.tokenize import pad
 from rlxf.models.reward_model import RewardModel, last_token_index, positions_from_mask
-from rlxf.tokenization import pad
 
 
 def test_last_token_index_both_padding_sides():

@@ -1,13 +1,14 @@
-"""Reward sources (rlxf.reward_sources): the (B, T) reward contract on hand-made inputs."""
+"""Reward sources (rlxf.rewards.sources): the (B, T) reward contract on hand-made inputs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from rlxf.hf import load_tokenizer
 from rlxf.models.reward_model import RewardModel
 from rlxf.models.tiny import train_tokenizer
-from rlxf.reward_sources import (
+from rlxf.rewards.sources import (
     CallableSource,
     DPOImplicitRewardSource,
     FactWorldGoldSource,
@@ -17,7 +18,6 @@ from rlxf.reward_sources import (
     response_mask,
     token_char_offsets,
 )
-from rlxf.trainers.common import load_tokenizer
 from rlxf.worlds.factworld import fact_response, fact_row, load_factworld
 
 TEXT = " Zorbin's colour is red."
@@ -332,7 +332,7 @@ def test_build_reward_source_errors(spec, error, match):
 
 def test_rlaif_spec_builds_a_direct_score_source(tiny_model_dir):
     """'rlaif:DIR?task=helpful' is d-RLAIF through the reward contract: one scalar in [-1, 1] on the last token."""
-    from rlxf.feedback.direct import DirectScoreSource
+    from rlxf.rewards.rlaif import DirectScoreSource
 
     source = build_reward_source(f"rlaif:{tiny_model_dir}?task=helpful")
     assert isinstance(source, DirectScoreSource)

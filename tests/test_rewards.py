@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlxf.models.tiny import train_tokenizer
-from rlxf.rewards import (
+from rlxf.rewards.contract import (
     combine_rewards,
     list_to_token_rewards,
     load_callable,

@@ -30,7 +30,7 @@ from experiments.rlaif.judge import (  # noqa: E402
     simulated_human_pairs,
     write_preamble,
 )
-from rlxf.feedback.backends import BackendStats, as_prompt  # noqa: E402
+from rlxf.backends import BackendStats, as_prompt  # noqa: E402
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -132,8 +132,8 @@ def test_pairs_to_label_are_left_out(factworld_dir, judge_rows, tmp_path):
 
 
 def test_judge_trains_on_the_token_ids_the_labeller_reads(factworld_model_dir, judge_rows):
-    from rlxf.tokenization import encode_sft
-    from rlxf.trainers.common import load_tokenizer
+    from rlxf.data.tokenize import encode_sft
+    from rlxf.hf import load_tokenizer
 
     _, rows, _ = judge_rows
     tok = load_tokenizer(factworld_model_dir)
@@ -203,7 +203,7 @@ def test_deepened_judge_starts_as_the_model_it_deepens(factworld_model_dir, tmp_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlxf.trainers.common import load_tokenizer
+    from rlxf.hf import load_tokenizer
 
     out = deepen(factworld_model_dir, tmp_path / "deep", 2)
     base, deep = (AutoModelForCausalLM.from_pretrained(d) for d in (factworld_model_dir, out))

@@ -1,4 +1,4 @@
-"""RLAIF label math (rlxf.feedback.labels): hand-computed values from the spec (§4) and naive float64 loop twins."""
+"""RLAIF label math (rlxf.feedback.label_math): hand-computed values from the spec (§4) and naive float64 loop twins."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlxf.feedback import debias, preference_from_logprobs
-from rlxf.feedback.labels import (
+from rlxf.feedback.label_math import (
     alignment,
     binomial_test_two_sided,
     check_ending_tokenization,

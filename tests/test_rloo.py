@@ -105,7 +105,7 @@ def vowel_spans(prompts, texts):
 def test_rloo_with_token_credit_trains_on_agreeing_tokens_only(tiny_model_dir, rl_prompts_file, tmp_path):
     """Credit 'token': a response with a positive advantage keeps only its vowel tokens (the only positive rewards),
     one with a negative advantage keeps none (no negative token reward); the run trains and logs kept fractions."""
-    from rlxf.credit import CreditConfig
+    from rlxf.credit.segments import CreditConfig
 
     cfg = config(tiny_model_dir, rl_prompts_file, tmp_path, max_steps=4)
     cfg.reward = f"callable:{__name__}:vowel_spans"

@@ -1,4 +1,4 @@
-"""`rlxf serve` (rlxf.feedback.serve): OpenAI response formats, log-probs against a direct forward pass, errors, and the
+"""`rlxf serve` (rlxf.backends.serve): OpenAI response formats, log-probs against a direct forward pass, errors, and the
 CLI as a subprocess, all on loopback."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.feedback.backends import LocalBackend, OpenAIBackend, Prompt, _first_top, apply_chat, chat_messages
-from rlxf.feedback.labels import label_logprobs_from_topk
-from rlxf.feedback.serve import ServeEngine, start_server
+from rlxf.backends import LocalBackend, OpenAIBackend, Prompt, _first_top, apply_chat, chat_messages
+from rlxf.backends.serve import ServeEngine, start_server
+from rlxf.feedback.label_math import label_logprobs_from_topk
 
 PROMPT = "the red cat is a dog.\nSummary 1 - red\nSummary 2 - cat dog\nPreferred Summary="
 

@@ -1,4 +1,4 @@
-"""Tests for rlxf.tokenization: rendering (standard and chat), encoding with BOS/EOS, truncation, padding."""
+"""Tests for rlxf.data.tokenize: rendering (standard and chat), encoding with BOS/EOS, truncation, padding."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from rlxf.data import DataError, load_preferences
-from rlxf.models.tiny import train_tokenizer
-from rlxf.tokenization import (
+from rlxf.data.tokenize import (
     encode_preferences,
     encode_prompts,
     encode_rankings,
@@ -22,8 +21,9 @@ from rlxf.tokenization import (
     render_prompt,
     truncate_prompt,
 )
+from rlxf.models.tiny import train_tokenizer
 
-HH = Path("/work/shared/data/hh_rlhf/harmless-base/test.jsonl.gz")
+HH = Path(__file__).parent / "data" / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
 
 CORPUS = [
     "Zorb is blue. Zorb lives in Paris. The cat sat on the mat.",
@@ -177,7 +177,7 @@ def test_truncation_keeps_response_and_cuts_prompt_from_left(tok, caplog):
     max_length = 1 + 3 + len(r_ids) + 1  # BOS + 3 prompt tokens + response + EOS
     rows = [{"prompt": prompt, "chosen": response, "rejected": " Paris.", "_origin": "t:1"},
             {"prompt": "Q", "chosen": " a", "rejected": " b", "_origin": "t:2"}]  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="rlxf.tokenization"):
+    with caplog.at_level(logging.INFO, logger="rlxf.data.tokenize"):
         first, second = encode_preferences(rows, tok, max_length=max_length)
     assert first["prompt_ids"] == [tok.bos_token_id, *p_ids[-3:]]
     assert first["chosen_ids"] == [*r_ids, tok.eos_token_id]
@@ -244,7 +244,7 @@ def test_pad_right_and_left_by_hand():
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HH.exists(), reason="shared HH-RLHF sample not present")
+
 def test_hh_rlhf_encodes_back_to_the_original_text(tok, tmp_path):
     rows = load_preferences(HH, on_bad_row="skip", rejected_path=tmp_path / "rej.jsonl")[:200]
     encoded = encode_preferences(rows, tok)

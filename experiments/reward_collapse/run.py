@@ -43,9 +43,9 @@ from rlxf.collapse.commands import DiagnoseConfig, run_diagnose  # noqa: E402
 from rlxf.collapse.diagnose import COLLAPSED_GAP, MAE_HELD_OUT, MAE_TRAIN, PROMPT_AWARE_GAP  # noqa: E402
 from rlxf.config import add_config_arguments, config_from_args  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
+from rlxf.hf import load_tokenizer  # noqa: E402
 from rlxf.models.reward_model import RewardModel  # noqa: E402
 from rlxf.models.tiny import TinyModelConfig, make_tiny_model  # noqa: E402
-from rlxf.trainers.common import load_tokenizer  # noqa: E402
 from rlxf.trainers.rm import RewardModelConfig, train_reward_model  # noqa: E402
 from rlxf.worlds.lengthworld import LengthWorldConfig, write_lengthworld  # noqa: E402
 
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, ExperimentConfig)
     cfg = config_from_args(ExperimentConfig, parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("rlxf.data", "rlxf.tokenization", "transformers", "httpx"):
+    for noisy in ("rlxf.data", "rlxf.data.tokenize", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from rlxf.backends import BackendConfig  # noqa: E402
+from rlxf.data.formats import write_jsonl  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
-from rlxf.feedback.backends import BackendConfig  # noqa: E402
 from rlxf.feedback.label import LabelConfig, as_text, build_template, load_label_pairs  # noqa: E402
 from rlxf.feedback.prompts import build_prompt  # noqa: E402
-from rlxf.sampling import write_jsonl  # noqa: E402
 from rlxf.trainers.sft import SFTConfig, train_sft  # noqa: E402
 from rlxf.worlds.factworld import _preferences, load_factworld  # noqa: E402
 
@@ -182,7 +182,7 @@ def deepen(model_dir: str | Path, out: str | Path, extra_layers: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlxf.trainers.common import load_tokenizer
+    from rlxf.hf import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     layers = model.model.layers
@@ -357,7 +357,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from transformers import AutoConfig
 
-    from rlxf.trainers.common import load_tokenizer
+    from rlxf.hf import load_tokenizer
 
     base = Path(args.base)
     data = prepare_judge_data(

@@ -69,10 +69,10 @@ from experiments.rlaif.judge import (  # noqa: E402
     validation_pairs,
     write_preamble,
 )
+from rlxf.backends import BackendConfig  # noqa: E402
+from rlxf.data.formats import write_jsonl  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
-from rlxf.feedback.backends import BackendConfig  # noqa: E402
 from rlxf.feedback.label import run_label  # noqa: E402
-from rlxf.sampling import write_jsonl  # noqa: E402
 
 logger = logging.getLogger("rlaif.judge_study")
 STUDY = "runs/experiments/rlaif-judge-study"

@@ -49,12 +49,13 @@ from experiments.rlaif.judge import (  # noqa: E402
     prepare_judge_data,
     train_judge,
 )
+from rlxf.backends import BackendConfig  # noqa: E402
+from rlxf.data.formats import write_jsonl  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.errors import BackendError  # noqa: E402
 from rlxf.evaluation import EvalConfig, reward_model_accuracy, run_eval  # noqa: E402
-from rlxf.feedback.backends import BackendConfig  # noqa: E402
 from rlxf.feedback.label import run_label  # noqa: E402
-from rlxf.sampling import GenerationSettings, write_jsonl  # noqa: E402
+from rlxf.sampling import GenerationSettings  # noqa: E402
 from rlxf.trainers.dpo import DPOConfig, train_dpo  # noqa: E402
 from rlxf.trainers.ppo import PPOConfig, train_ppo  # noqa: E402
 from rlxf.trainers.rm import RewardModelConfig, train_reward_model  # noqa: E402
@@ -169,7 +170,7 @@ def stage_judge(args, base: dict[str, Path], out: Path) -> dict[str, Any]:
     """Judge data (disjoint from the pairs), a context check over every prompt it will see, and the fine-tune."""
     from transformers import AutoConfig
 
-    from rlxf.trainers.common import load_tokenizer
+    from rlxf.hf import load_tokenizer
 
     jdir = out / "judge"
     data = prepare_judge_data(
@@ -305,9 +306,9 @@ def likelihood_judge(sft: Path, path: Path, batch_size: int = 64) -> dict[str, f
     likelihood count as wrong) and with the gold order on pairs of different gold score. It shows how much of the
     answer the judge's weights hold before they are taught the labelling prompt."""
     from rlxf.data import load_preferences
+    from rlxf.data.tokenize import encode_preferences, pad
+    from rlxf.hf import load_policy
     from rlxf.logprobs import sequence_logprobs, shift_for_next_token
-    from rlxf.sampling import load_policy
-    from rlxf.tokenization import encode_preferences, pad
 
     model, tok = load_policy(str(sft))
     rows = encode_preferences(load_preferences(str(path)), tok)

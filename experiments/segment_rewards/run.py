@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import factworld_base, mean_sd  # noqa: E402
-from rlxf.credit import CreditConfig  # noqa: E402
-from rlxf.credit_view import SegmentQualityConfig, run_segment_quality  # noqa: E402
+from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality  # noqa: E402
+from rlxf.credit.segments import CreditConfig  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.evaluation import EvalConfig, run_eval  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402

@@ -25,10 +25,10 @@ import torch
 
 from rlxf.collapse.diagnose import ALL, diagnose, plot_profiles, predict_plot, reward_profiles
 from rlxf.collapse.utilities import openness_utility
-from rlxf.data import load_rankings
+from rlxf.data.formats import load_rankings
+from rlxf.data.tokenize import encode_rankings
+from rlxf.hf import load_tokenizer
 from rlxf.models.reward_model import RewardModel
-from rlxf.tokenization import encode_rankings
-from rlxf.trainers.common import load_tokenizer
 from rlxf.trainers.ranking_rm import (
     PROMPT_AWARE,
     diagnostic_groups,

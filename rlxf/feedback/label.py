@@ -15,7 +15,7 @@ P(chosen ≻ rejected) = max(p_a, 1 − p_a), plus diagnostics `p_a`, `p_first_a
 chosen/rejected pair, a = chosen), `rationale_ab` / `rationale_ba` (with CoT), `labeler`, `prompt_id`. Pairs that are
 invalid (no label token in either order) or too long for the labeller go to `<out>.dropped.jsonl` with a `reason`.
 
-Nothing is lost: every backend answer is committed to an SQLite cache (`rlxf.feedback.cache`) the moment it arrives,
+Nothing is lost: every backend answer is committed to an SQLite cache (`rlxf.backends.cache`) the moment it arrives,
 so a run killed at any point and started again asks only for what is missing; the output file is written at the end
 from those answers, atomically. Beside the output: `<out>.metrics.json` (alignment with human labels, position-bias
 rate, calibration) and `<out>.label_stats.json` (calls, retries, tokens, cached vs sent requests, time).
@@ -38,10 +38,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from rlxf.data import _BadRow, _extras, _load, _required, _same_form, _text, normalize_preference
-from rlxf.feedback.backends import Backend, BackendConfig, Prompt, build_backend, split_prompt
-from rlxf.feedback.cache import JudgementCache, cached_requests
-from rlxf.feedback.labels import (
+from rlxf.backends import Backend, BackendConfig, Prompt, build_backend, split_prompt
+from rlxf.backends.cache import JudgementCache, cached_requests
+from rlxf.data.formats import _BadRow, _extras, _load, _required, _same_form, _text, normalize_preference, write_jsonl
+from rlxf.feedback.label_math import (
     alignment,
     binomial_test_two_sided,
     check_ending_tokenization,
@@ -68,7 +68,6 @@ from rlxf.feedback.prompts import (
     get_preamble,
     load_preamble,
 )
-from rlxf.sampling import write_jsonl
 
 logger = logging.getLogger(__name__)
 

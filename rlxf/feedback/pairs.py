@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rlxf.data.formats import write_jsonl
 from rlxf.feedback.judges import FactWorldHumanJudge, Judge
-from rlxf.sampling import GenerationSettings, load_encoded_prompts, load_policy, sample_responses, write_jsonl
+from rlxf.hf import load_policy
+from rlxf.sampling import GenerationSettings, load_encoded_prompts, sample_responses
 
 logger = logging.getLogger(__name__)
 

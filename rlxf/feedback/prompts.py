@@ -2,7 +2,7 @@
 
 A pairwise prompt is preamble + optional few-shot exemplars + the sample (context and the two responses, labelled
 1 and 2) + the ending ("Preferred Summary=" / "Preferred Response="), after which the labeller's next-token
-log-probs of "1" and "2" are read (see `rlxf.feedback.labels`). Chain of thought (CoT) is two calls: a rationale
+log-probs of "1" and "2" are read (see `rlxf.feedback.label_math`). Chain of thought (CoT) is two calls: a rationale
 prompt decoded greedily, then the scoring prompt that contains the rationale and the ending (spec §2.2).
 d-RLAIF scores one response from 1 to 10 instead (spec §2.7).
 

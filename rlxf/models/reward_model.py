@@ -57,7 +57,7 @@ class RewardModel(nn.Module):
         """Reward head read at every position: (B, T) ids -> (B, T) values (float32).
 
         `attention_mask` is (B, T), 1 on real tokens; or a (B, 1, T, T) boolean mask with explicit `position_ids`
-        for packed pairs (`rlxf.packing`).
+        for packed pairs (`rlxf.data.packing`).
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)

@@ -24,14 +24,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from rlxf.credit import CreditConfig, weighted_sequence_logprobs
-from rlxf.data import load_preferences
+from rlxf.credit.segments import CreditConfig, weighted_sequence_logprobs
+from rlxf.data.formats import load_preferences
+from rlxf.data.packing import check_packing_supported, pack_pairs, packed_sequence_logprobs
+from rlxf.data.tokenize import encode_preferences, pad
 from rlxf.engine import Engine, TrainConfig
+from rlxf.hf import load_tokenizer
 from rlxf.logprobs import sequence_logprobs, shift_for_next_token
 from rlxf.losses import dpo_loss
-from rlxf.packing import check_packing_supported, pack_pairs, packed_sequence_logprobs
-from rlxf.tokenization import encode_preferences, pad
-from rlxf.trainers.common import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class DPOConfig:
 
 def collate_dpo(rows: list[dict[str, Any]], pad_id: int, use_label_prob: bool, pack: bool = False) -> dict[str, Any]:
     """2B right-padded sequences (chosen rows first) and their response masks, or the pairs packed (see
-    `rlxf.packing`); cached reference log-probs. `num_tokens` counts the tokens of the 2B sequences either way.
+    `rlxf.data.packing`); cached reference log-probs. `num_tokens` counts the tokens of the 2B sequences either way.
 
     Rows with ASR keep-masks (`chosen_weight`, `rejected_weight`: one weight per response token) add the token
     weights: `token_weight` (2B, L) float aligned with `input_ids` (0 on prompt and padding), or, packed,
@@ -234,13 +234,13 @@ def assign_pair_credit(
     block: int,
 ) -> dict[str, float]:
     """ASR keep-masks of every pair, stored in the rows as `chosen_weight` / `rejected_weight` (one 0/1 weight per
-    response token); returns the summed counts (`rlxf.credit_view.credit_counts`, plus `one_sided_pairs` and
+    response token); returns the summed counts (`rlxf.credit.inspect.credit_counts`, plus `one_sided_pairs` and
     `dropped_pairs`: both masks empty).
 
     Pairs are taken in blocks of `block` (file order); a block's 2·block responses (chosen label +1, rejected −1)
     are scored by `source` in one call and share one τ (spec §2.4 step 2: chosen and rejected together).
     """
-    from rlxf.credit_view import assign_credit, credit_counts
+    from rlxf.credit.inspect import assign_credit, credit_counts
 
     totals: dict[str, float] = {"one_sided_pairs": 0.0, "dropped_pairs": 0.0}
     for start in range(0, len(rows), block):
@@ -290,8 +290,8 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     # ASR: token rewards and keep-masks, once per pair, before the reference log-probs (which use the masks).
     asr_metrics: dict[str, float] = {}
     if cfg.credit.granularity != "sequence":
-        from rlxf.credit_view import credit_metrics
-        from rlxf.reward_sources import build_reward_source
+        from rlxf.credit.inspect import credit_metrics
+        from rlxf.rewards.sources import build_reward_source
 
         source = build_reward_source(cfg.credit.token_reward)
         for split, split_rows, split_prompts in (("train", rows, prompt_rows), ("eval", eval_rows, eval_prompt_rows)):

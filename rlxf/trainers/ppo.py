@@ -9,7 +9,7 @@ A_t = G_t − V(s_t), one on-policy update per rollout (`rlxf reinforce`, the sa
 One optimiser step of the engine = one rollout:
   1. take the step's prompts from the engine's data order (`train.batch_size` prompts, each sampled k times);
   2. sample responses with the current policy (KV cache), seeded by (seed, step, micro-batch, process);
-  3. token rewards (B, T) from the reward source (the reward contract of `rlxf.reward_sources`); optionally a
+  3. token rewards (B, T) from the reward source (the reward contract of `rlxf.rewards.sources`); optionally a
      penalty on responses that hit the length limit without EOS;
   4. one no-grad forward of the policy (and critic) as it will be trained: the old log-probs and values PPO uses;
      one of the frozen reference: per-token KL_t (k1 or k3), and r_t − β·KL_t on every response token;
@@ -39,12 +39,14 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from rlxf.credit import CreditConfig, agreement_mask, step_boundaries
-from rlxf.data import load_prompts
+from rlxf.credit.segments import CreditConfig, agreement_mask, step_boundaries
+from rlxf.data.formats import load_prompts
+from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, TrainConfig
+from rlxf.hf import load_tokenizer
 from rlxf.logprobs import token_logprobs
 from rlxf.models.reward_model import RewardModel, positions_from_mask
-from rlxf.reward_sources import RewardSource, build_reward_source
+from rlxf.rewards.sources import RewardSource, build_reward_source
 from rlxf.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -60,8 +62,7 @@ from rlxf.rl import (
     value_loss,
 )
 from rlxf.sampling import GenerationSettings, decode_samples, generate
-from rlxf.tokenization import encode_prompts, pad
-from rlxf.trainers.common import collate_prompts, load_encoded, load_tokenizer
+from rlxf.trainers.common import collate_prompts, load_encoded
 
 logger = logging.getLogger(__name__)
 

@@ -39,12 +39,13 @@ from torch import Tensor
 from rlxf.collapse.diagnose import diagnose, reward_profiles
 from rlxf.collapse.losses import pairwise_bt_loss, plackett_luce_loss, ranking_pairs, utility_ranking_loss
 from rlxf.collapse.utilities import Utility, prompt_aware_utility, utility
-from rlxf.data import load_rankings
+from rlxf.data.formats import load_rankings
+from rlxf.data.packing import check_packing_supported, first_fit_decreasing
+from rlxf.data.tokenize import encode_rankings, pad
 from rlxf.engine import Engine
+from rlxf.hf import load_tokenizer
 from rlxf.models.reward_model import RewardModel, last_token_index
-from rlxf.packing import check_packing_supported, first_fit_decreasing
-from rlxf.tokenization import encode_rankings, pad
-from rlxf.trainers.common import load_encoded, load_tokenizer
+from rlxf.trainers.common import load_encoded
 from rlxf.trainers.rm import RewardModelConfig
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def ranking_layout(rows: Sequence[dict[str, Any]]) -> tuple[Tensor, Tensor]:
 
 
 def pack_rankings(rows: Sequence[dict[str, Any]], pad_id: int, capacity: int = 0) -> dict[str, Tensor]:
-    """Pack P encoded ranking rows into R rows without padding, each prompt computed once (`rlxf.packing` does the
+    """Pack P encoded ranking rows into R rows without padding, each prompt computed once (`rlxf.data.packing` does the
     same for pairs); `capacity` 0 = the longest segment.
 
     A row (prompt, K responses) becomes one segment `prompt + response_1 + … + response_K`. Response j attends to the

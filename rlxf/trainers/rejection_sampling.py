@@ -32,14 +32,15 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.credit import CreditConfig, weighted_sequence_logprobs
-from rlxf.credit_view import assign_credit, credit_counts, credit_metrics
-from rlxf.data import load_prompts
+from rlxf.credit.inspect import assign_credit, credit_counts, credit_metrics
+from rlxf.credit.segments import CreditConfig, weighted_sequence_logprobs
+from rlxf.data.formats import load_prompts
+from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, TrainConfig
-from rlxf.reward_sources import RewardSource, build_reward_source
+from rlxf.hf import load_tokenizer
+from rlxf.rewards.sources import RewardSource, build_reward_source
 from rlxf.sampling import GenerationSettings, decode_samples, generate
-from rlxf.tokenization import encode_prompts, pad
-from rlxf.trainers.common import collate_prompts, load_encoded, load_tokenizer
+from rlxf.trainers.common import collate_prompts, load_encoded
 
 logger = logging.getLogger(__name__)
 

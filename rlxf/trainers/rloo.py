@@ -7,7 +7,7 @@ One optimiser step:
   1. take the step's prompts from the engine's data order (rows = prompts, `train.batch_size` prompts per step);
   2. sample K responses per prompt with the current policy (KV cache, `rlxf.sampling.generate`), seeded by
      (seed, step, micro-batch) so a resumed run samples what the uninterrupted one did;
-  3. rewards from the reward source (`rlxf.reward_sources`, the (B, T) reward contract); a response's score is the
+  3. rewards from the reward source (`rlxf.rewards.sources`, the (B, T) reward contract); a response's score is the
      SUM of its token rewards (a scalar reward is all on the last token, so this is the scalar itself);
   4. per-token k1 KL to a frozen reference loaded from disk, KL_t = log π(y_t) − log π_ref(y_t), and the
      KL-regularised score R = score − β Σ_t KL_t (the KL is part of the sequence reward, as in the paper and TRL's
@@ -31,15 +31,16 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.credit import CreditConfig, agreement_mask, step_boundaries
-from rlxf.data import load_prompts
+from rlxf.credit.segments import CreditConfig, agreement_mask, step_boundaries
+from rlxf.data.formats import load_prompts
+from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, TrainConfig
+from rlxf.hf import load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
-from rlxf.reward_sources import RewardSource, build_reward_source
+from rlxf.rewards.sources import RewardSource, build_reward_source
 from rlxf.rl import entropy_from_logits, masked_mean, rloo_advantages
 from rlxf.sampling import GenerationSettings, decode_samples, generate
-from rlxf.tokenization import encode_prompts, pad
-from rlxf.trainers.common import collate_prompts, load_encoded, load_tokenizer
+from rlxf.trainers.common import collate_prompts, load_encoded
 
 logger = logging.getLogger(__name__)
 

@@ -13,13 +13,14 @@ from typing import Any, Literal
 
 import torch
 
-from rlxf.data import load_preferences
+from rlxf.data.formats import load_preferences
+from rlxf.data.packing import check_packing_supported, pack_pairs
+from rlxf.data.tokenize import encode_preferences, pad
 from rlxf.engine import Engine, TrainConfig
+from rlxf.hf import load_tokenizer
 from rlxf.losses import bradley_terry_losses, reward_centering_penalty
 from rlxf.models.reward_model import RewardModel, last_token_index
-from rlxf.packing import check_packing_supported, pack_pairs
-from rlxf.tokenization import encode_preferences, pad
-from rlxf.trainers.common import load_encoded, load_tokenizer
+from rlxf.trainers.common import load_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class RewardModelConfig:
 def collate_pairs(
     rows: list[dict[str, Any]], pad_id: int, use_margin: bool, use_label_prob: bool, pack: bool = False
 ) -> dict[str, Any]:
-    """2B right-padded sequences, chosen rows first (or the pairs packed, see `rlxf.packing`), plus per-pair margin
+    """2B right-padded sequences, chosen rows first (or the pairs packed, see `rlxf.data.packing`), plus per-pair margin
     and soft label. `num_tokens` counts the tokens of the 2B sequences either way."""
     batch: dict[str, Any] = {
         "num_units": len(rows),

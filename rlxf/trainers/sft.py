@@ -13,11 +13,12 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.data import load_sft
+from rlxf.data.formats import load_sft
+from rlxf.data.tokenize import encode_sft, pad
 from rlxf.engine import Engine, TrainConfig
+from rlxf.hf import load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
-from rlxf.tokenization import encode_sft, pad
-from rlxf.trainers.common import load_encoded, load_tokenizer
+from rlxf.trainers.common import load_encoded
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Credit assignment on tokenized responses, and its inspection (`rlxf segments show`, `rlxf segments quality`).
 
 `rlxf.credit` holds the pure segmenters and masks (rlxf-ASR, arXiv:2411.00809). This module applies them to real
-responses: a reward source (`rlxf.reward_sources`, the (B, T) reward contract) scores the tokens, `assign_credit`
+responses: a reward source (`rlxf.rewards.sources`, the (B, T) reward contract) scores the tokens, `assign_credit`
 turns the token rewards into segments and keep-masks for given labels (the glue DPO and rejection sampling use),
 and two commands let a person check what a trainer would train on:
 
@@ -26,8 +26,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlxf.credit import GRANULARITIES, CreditConfig, Segment, agreement_mask, batch_tau, segment, step_boundaries
-from rlxf.reward_sources import RewardSource, build_reward_source, response_mask, token_char_offsets
+from rlxf.credit.segments import (
+    GRANULARITIES,
+    CreditConfig,
+    Segment,
+    agreement_mask,
+    batch_tau,
+    segment,
+    step_boundaries,
+)
+from rlxf.rewards.sources import RewardSource, build_reward_source, response_mask, token_char_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +175,8 @@ def load_items(path: str, tokenizer: Any, limit: int, max_length: int, max_promp
     optional `label` in {1, −1, 0}, default 1). A file whose first row has no `chosen` is read as responses.
     Tokenized exactly as the trainers do (`encode_preferences` / `encode_sft`: BOS, EOS, prompt cut from the left).
     The first `limit` rows (0: all)."""
-    from rlxf.data import DataError, load_preferences, load_prompts
-    from rlxf.tokenization import encode_preferences, encode_sft
+    from rlxf.data.formats import DataError, load_preferences, load_prompts
+    from rlxf.data.tokenize import encode_preferences, encode_sft
 
     lengths = {"max_length": max_length, "max_prompt_length": max_prompt_length}
     try:
@@ -365,7 +373,7 @@ def render_html(items: Sequence[Item], rc: ResponseCredit, credit: CreditConfig)
 
 
 def _tokenizer_and_source(model: str, credit: CreditConfig) -> tuple[Any, RewardSource | None]:
-    from rlxf.trainers.common import load_tokenizer
+    from rlxf.hf import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     if credit.granularity != "sequence" and not credit.token_reward:

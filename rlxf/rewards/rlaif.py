@@ -13,7 +13,7 @@ reads it directly; a remote one (vocabulary unknown) adds any "10" token in its 
 `scale="0-9"` avoids the split. A score missing from a top-k list gets probability 0; a response with no score token
 at all gets reward 0 and is counted in `n_invalid`.
 
-`DirectScoreSource` follows the reward contract of `rlxf.reward_sources`: the reward sits on the last response token.
+`DirectScoreSource` follows the reward contract of `rlxf.rewards.sources`: the reward sits on the last response token.
 
 Shapes: B responses, T response tokens.
 """
@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlxf.feedback.backends import Backend, Prompt, TopK, build_backend, parse_backend_spec, split_prompt
-from rlxf.feedback.cache import JudgementCache, cached_requests
-from rlxf.feedback.labels import direct_reward, expected_score, label_variants, split_ten
+from rlxf.backends import Backend, Prompt, TopK, build_backend, parse_backend_spec, split_prompt
+from rlxf.backends.cache import JudgementCache, cached_requests
+from rlxf.feedback.label_math import direct_reward, expected_score, label_variants, split_ten
 from rlxf.feedback.prompts import build_direct_score_prompt, format_tldr_context
-from rlxf.reward_sources import RewardOutput, _check_batch, _scalar_rewards
+from rlxf.rewards.sources import RewardOutput, _check_batch, _scalar_rewards
 
 logger = logging.getLogger(__name__)
 

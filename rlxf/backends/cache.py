@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlxf.feedback.backends import Backend, Prompt, PromptTooLongError
+from rlxf.backends.base import Backend, Prompt, PromptTooLongError
 
 logger = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ def _json_safe(value: Any) -> Any:
 class BadRowHandler:
     """Applies the `on_bad_row` policy: raise the DataError, or count it and append the row to the side file.
 
-    Shared by the loaders here and the encoders in `rlxf.tokenization`. `source` names the input (for the default
+    Shared by the loaders here and the encoders in `rlxf.data.tokenize`. `source` names the input (for the default
     side-file name and the summary line).
     """
 
@@ -609,3 +609,14 @@ def load_prompts(
     """Load RL prompts: `prompt` + any metadata (kept as is; `prompt_type` / `openness`, when present, must be
     valid). See the module docstring for `on_bad_row`."""
     return _load(path, normalize_prompt, "prompt", on_bad_row, rejected_path)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows (without their private `_` keys) atomically: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+

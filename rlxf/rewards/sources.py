@@ -36,14 +36,14 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from rlxf.rewards import (
+from rlxf.data.tokenize import pad
+from rlxf.rewards.contract import (
     combine_rewards,
     list_to_token_rewards,
     load_callable,
     scalar_to_token_rewards,
     spans_to_token_rewards,
 )
-from rlxf.tokenization import pad
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ class RewardModelSource:
         device: str | torch.device | None = None,
         batch_size: int = 32,
     ):
+        from rlxf.hf import load_tokenizer
         from rlxf.models.reward_model import RewardModel
-        from rlxf.trainers.common import load_tokenizer
 
         self.rm_dir = str(rm_dir)
         self.per_token = per_token
@@ -259,7 +259,7 @@ class DPOImplicitRewardSource:
     ):
         from transformers import AutoModelForCausalLM
 
-        from rlxf.trainers.common import load_tokenizer
+        from rlxf.hf import load_tokenizer
 
         self.dpo_dir = Path(dpo_dir)
         if not self.dpo_dir.is_dir():
@@ -452,7 +452,7 @@ def _build_term(term: str, device: str | torch.device | None) -> RewardSource:
             return RewardModelSource(path, per_token=level == "token", device=device)
         return FactWorldGoldSource(path, level=level or "sequence")
     if kind == "rlaif":  # d-RLAIF: an LLM's expected 1-10 score, mapped to [-1, 1]
-        from rlxf.feedback.direct import DirectScoreSource
+        from rlxf.rewards.rlaif import DirectScoreSource
 
         return DirectScoreSource.from_spec(rest)
     if kind == "callable":

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from rlxf.feedback.backends import LocalBackend, apply_chat, decode_one, topk_map
+from rlxf.backends.base import apply_chat, topk_map
+from rlxf.backends.local import LocalBackend, decode_one
 
 logger = logging.getLogger(__name__)
 

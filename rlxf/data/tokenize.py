@@ -19,7 +19,7 @@ caps prompt + the longest response of the row. A row whose response does not fit
 `DataError` naming the row's `_origin` with `on_bad_row="error"`, skipped into the side file with "skip" (see
 `rlxf.data` for the side file; its default is `./<stem>.rejected.jsonl` after the row's input file). Each encoded row
 carries `_origin` and `_prompt_tokens_cut` (how many prompt tokens were dropped, 0 for most rows); the number of
-rows whose prompt was cut is logged (INFO, logger `rlxf.tokenization`).
+rows whose prompt was cut is logged (INFO, logger `rlxf.data.tokenize`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from jinja2.exceptions import TemplateError
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from rlxf.data import BadRowHandler, DataError, check_on_bad_row, origin_file
+from rlxf.data.formats import BadRowHandler, DataError, check_on_bad_row, origin_file
 
 logger = logging.getLogger(__name__)
 
