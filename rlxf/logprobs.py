@@ -1,4 +1,5 @@
-"""Log-probabilities of given tokens under a causal LM.
+"""Every "log π of these tokens" under a causal LM, one function per layout: per token, summed per sequence,
+weighted per sequence (credit masks), and summed per packed sequence.
 
 Shapes: B batch, T tokens, V vocab. Inputs are already aligned: `logits[:, t]` scores `labels[:, t]`
 (the caller shifts by one), so left and right padding need no special case: the mask says which positions count.
@@ -40,3 +41,38 @@ def shift_for_next_token(logits: Tensor, input_ids: Tensor, target_mask: Tensor)
     tokens whose probability is wanted (e.g. the response tokens).
     """
     return logits[:, :-1], input_ids[:, 1:], target_mask[:, 1:]
+
+
+def weighted_sequence_logprobs(
+    logits: Tensor,  # (B, T, V) logits[:, t] scores labels[:, t] (already shifted)
+    labels: Tensor,  # (B, T) token ids; any value where weight is 0
+    weight: Tensor,  # (B, T) float token weights w_t (the keep-mask as float, 0 outside the response)
+) -> Tensor:
+    """Σ_t w_t · log π(labels_t) per row: (B, T, V), (B, T), (B, T) -> (B,) float32 (docs/methods/adaptive_segment_reward.md §2.6, h = Σ_t w_t Δ_t).
+
+    With w = the response mask as float it equals `rlxf.logprobs.sequence_logprobs` bit for bit (same kernel, same
+    products and sums), so an all-ones keep-mask reproduces the unmasked losses exactly. The gradient with respect to
+    the logits of a position with w_t = 0 is exactly 0.
+    """
+    safe_labels = labels.masked_fill(weight == 0, 0)  # positions of weight 0 contribute 0 · finite = 0
+    return (token_logprobs(logits, safe_labels) * weight.to(torch.float32)).sum(-1)
+
+
+
+def packed_sequence_logprobs(
+    logits: Tensor, batch: dict[str, Tensor], num_sequences: int, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of each packed sequence's response tokens and their counts (`rlxf.data.packing.pack_pairs`):
+    (R, L, V) logits -> (S,), (S,) with S = num_sequences.
+
+    Only the N predicting positions are normalised: `logit[target] - logsumexp(logits)` on an (N, V) float32 copy.
+    With `weight` (N,) (token weights aligned with `batch["target_index"]`, e.g. a credit keep-mask) the sums are
+    Σ_t w_t log π(y_t) and the counts Σ_t w_t; all-ones weights give the unweighted numbers bit for bit.
+    """
+    picked = logits.flatten(0, 1)[batch["target_index"]].float()  # (R*L, V) -> (N, V)
+    logps = picked.gather(-1, batch["target_ids"][:, None]).squeeze(-1) - picked.logsumexp(-1)  # (N,)
+    w = torch.ones_like(logps) if weight is None else weight.to(logps.dtype)  # (N,)
+    terms = logps if weight is None else logps * w
+    sums = logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], terms)  # (S,)
+    counts = logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], w)  # (S,)
+    return sums, counts

@@ -191,6 +191,93 @@ class SampleConfig:
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
 
 
+def rollout_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
+    """The sampling seed of one rollout micro-batch of an RL trainer: a function of (run seed, optimiser step,
+    micro-batch, process), so a resumed run samples what the uninterrupted one did and no two processes or
+    micro-batches share draws."""
+    return ((seed * 1_000_003 + step) * 1_000 + micro_batch) * 100 + rank
+
+
+@dataclass
+class Rollout:
+    """B = P·n sampled responses of P prompts (the n samples of a prompt adjacent), scored once.
+
+    Every RL trainer (PPO / REINFORCE, RLOO, rejection sampling) and `rlxf pairs` / `rlxf sample` start here."""
+
+    prompt_rows: list[dict[str, Any]]
+    """(B,) the prompt row of each response (each prompt repeated n times); `prompt_ids` holds its ids."""
+    response_ids: list[list[int]]
+    """(B,) sampled ids, EOS included when finished; no padding."""
+    texts: list[str]
+    """(B,) decoded responses without EOS (`skip_special_tokens=True`): what reward sources and judges read."""
+    finished: list[bool]
+    """(B,) True when the response ended with EOS, False when it hit max_new_tokens."""
+    sample_index: list[int]
+    """(B,) j of the j-th sample of its prompt."""
+    logprobs: list[list[float]] | None = None
+    """(B,) log π(y_t) per token from the sampling pass (untempered logits), when asked for."""
+    rewards: torch.Tensor | None = None
+    """(B, T) the reward source's token rewards (the reward contract, column t = response token t), when a source
+    was given."""
+    gold: list[float] | None = None
+    """(B,) a gold world's sequence score of each response (logged, never trained on), when a world was given."""
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        return [row["prompt_ids"] for row in self.prompt_rows]
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """(B,) each response's task score: the sum of its token rewards (a scalar reward is on the last token)."""
+        if self.rewards is None:
+            raise ValueError("this rollout was sampled without a reward source")
+        return self.rewards.sum(-1)
+
+
+@torch.no_grad()
+def sample_rollout(
+    model: torch.nn.Module,
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    n: int,
+    settings: GenerationSettings,
+    seed: int,
+    *,
+    source: Any = None,
+    world: Any = None,
+    return_logprobs: bool = False,
+    progress: bool = False,
+) -> Rollout:
+    """Sample `n` responses for each encoded prompt row (`prompt_ids`), decode them, and score them once: the token
+    rewards of `source` (a `rlxf.rewards.contract.RewardSource`) and the sequence score of a gold `world` (anything
+    with `score(row, text).score`, e.g. a FactWorld), when given."""
+    samples = generate(
+        model,
+        [r["prompt_ids"] for r in rows],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        n=n,
+        settings=settings,
+        seed=seed,
+        progress=progress,
+        return_logprobs=return_logprobs,
+    )
+    flat = [s for group in samples for s in group]
+    out = Rollout(
+        prompt_rows=[row for row in rows for _ in range(n)],
+        response_ids=[s.response_ids for s in flat],
+        texts=[t for group in decode_samples(tokenizer, samples) for t in group],
+        finished=[s.finished for s in flat],
+        sample_index=[j for group in samples for j in range(len(group))],
+        logprobs=[s.logprobs for s in flat] if return_logprobs else None,
+    )
+    if source is not None:
+        out.rewards, _ = source(out.prompt_rows, out.response_ids, out.texts, tokenizer)  # (B, T)
+    if world is not None:
+        out.gold = [world.score(row, text).score for row, text in zip(out.prompt_rows, out.texts)]
+    return out
+
+
 def sample_responses(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -202,24 +289,13 @@ def sample_responses(
 ) -> list[dict[str, Any]]:
     """Sample `n` responses per encoded prompt row; returns one output row per sample: the prompt's columns,
     `response` (text without EOS), `sample_index`, `finished`, and `_response_ids` (the sampled ids, EOS included)."""
-    samples = generate(
-        model,
-        [r["prompt_ids"] for r in rows],
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        n=n,
-        settings=settings,
-        seed=seed,
-        progress=progress,
-    )
-    texts = decode_samples(tokenizer, samples)
+    rollout = sample_rollout(model, rows, tokenizer, n, settings, seed, progress=progress)
     out = []
-    for row, group, group_texts in zip(rows, samples, texts):
+    for row, ids, text, j, finished in zip(
+        rollout.prompt_rows, rollout.response_ids, rollout.texts, rollout.sample_index, rollout.finished
+    ):
         meta = {k: v for k, v in row.items() if not k.startswith("_") and k != "prompt_ids"}
-        for j, (s, text) in enumerate(zip(group, group_texts)):
-            out.append(
-                {**meta, "response": text, "sample_index": j, "finished": s.finished, "_response_ids": s.response_ids}
-            )
+        out.append({**meta, "response": text, "sample_index": j, "finished": finished, "_response_ids": ids})
     return out
 
 

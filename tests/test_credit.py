@@ -16,9 +16,8 @@ from rlxf.credit.segments import (
     merge_short,
     segment,
     step_boundaries,
-    weighted_sequence_logprobs,
 )
-from rlxf.logprobs import sequence_logprobs
+from rlxf.logprobs import sequence_logprobs, weighted_sequence_logprobs
 
 # Spec §4 worked example (the batch is this one sequence).
 WORKED = [0.6, 0.5, 0.7, 0.4, -0.1, 0.5, -0.9, -1.2, -0.8, 0.3, 0.6, 0.5, 0.2, -0.6, 0.4]

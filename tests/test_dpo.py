@@ -263,7 +263,7 @@ def test_short_masked_dpo_run_on_factworld(factworld_model_dir, factworld_dir, t
     assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach().cpu())] == []
     # the masks keep part of each side; the pre-training metrics are logged once, at step 0
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["step"] == 0 and 0 < first["asr/kept_frac_chosen"] < 1 and 0 < first["asr/kept_frac_rejected"] < 1
+    assert first["step"] == 0 and 0 < first["asr/kept_frac_pos"] < 1 and 0 < first["asr/kept_frac_neg"] < 1
     for key in ("asr/dropped_pairs", "asr/one_sided_pairs", "asr/tau", "asr/segments_per_seq", "asr/mean_segment_len"):
         assert len(hist[key]) == 1 and math.isfinite(hist[key][0])
     assert hist["asr/segments_per_seq"][0] > 1  # FactWorld responses mix right and wrong facts
@@ -295,5 +295,5 @@ def test_all_positive_rewards_keep_chosen_whole_and_every_pair_one_sided(factwor
         "history"
     ]
     n_pairs = len((factworld_dir / "preferences_train.jsonl").read_text().splitlines())
-    assert hist["asr/kept_frac_chosen"] == [1.0] and hist["asr/kept_frac_rejected"] == [0.0]
+    assert hist["asr/kept_frac_pos"] == [1.0] and hist["asr/kept_frac_neg"] == [0.0]
     assert hist["asr/one_sided_pairs"] == [n_pairs] and hist["asr/dropped_pairs"] == [0.0]

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from rlxf.credit.segments import CreditConfig
 from rlxf.engine import TrainConfig
 from rlxf.sampling import GenerationSettings
-from rlxf.trainers.ppo import PPOConfig, ReinforceConfig, advantages_and_masks, ppo_loss, train_ppo
+from rlxf.trainers.ppo import PPOConfig, advantages_and_masks, ppo_loss, train_ppo
+from rlxf.trainers.reinforce import ReinforceConfig
 
 VOWELS = "aeiou"
 

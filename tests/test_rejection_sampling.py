@@ -147,7 +147,7 @@ def test_short_masked_run_trains_and_writes_masks(factworld_model_dir, factworld
     losses = hist["loss/nll"]
     assert len(losses) == 8 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     assert [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach().cpu())] == []
-    assert all(0 < f < 1 for f in hist["asr/kept_frac_chosen"])  # the mask keeps the vowel-rich segments
+    assert all(0 < f < 1 for f in hist["asr/kept_frac_pos"])  # the mask keeps the vowel-rich segments
     for key in ("asr/tau", "asr/segments_per_seq", "asr/mean_segment_len", "asr/skipped_winners"):
         assert len(hist[key]) == 8
     records = [json.loads(line) for line in (tmp_path / "selected.jsonl").read_text().splitlines()]

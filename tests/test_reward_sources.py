@@ -306,7 +306,7 @@ def test_build_reward_source_parses_specs(factworld_dir, rm_dir):
     assert isinstance(source, WeightedSum)
     assert [w for w, _ in source.terms] == [0.5, -2.0]
     assert not source.terms[0][1].per_token and source.terms[1][1].level == "token"
-    assert source.world is source.terms[1][1].world  # the trainer logs the gold score through it
+    assert not hasattr(source, "world")  # gold logging reads --gold_world, not the reward source
 
 
 @pytest.mark.parametrize(

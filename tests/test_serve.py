@@ -16,7 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.backends import LocalBackend, OpenAIBackend, Prompt, _first_top, apply_chat, chat_messages
+from rlxf.backends import LocalBackend, OpenAIBackend, Prompt, apply_chat, chat_messages
+from rlxf.backends.http import _first_top
 from rlxf.backends.serve import ServeEngine, start_server
 from rlxf.feedback.label_math import label_logprobs_from_topk
 

@@ -257,7 +257,7 @@ def main() -> None:
 
 def kept_fraction(history: dict) -> float:
     """Mean fraction of response tokens trained on, from whichever kept-fraction metric the optimiser logs."""
-    for keys in (("asr/kept_frac",), ("asr/kept_frac_chosen", "asr/kept_frac_rejected"), ("asr/kept_frac_chosen",)):
+    for keys in (("asr/kept_frac",), ("asr/kept_frac_pos", "asr/kept_frac_neg"), ("asr/kept_frac_pos",)):
         if all(k in history for k in keys):
             values = [v for k in keys for v in history[k]]
             return sum(values) / len(values)

@@ -25,8 +25,10 @@ from rlxf.backends.base import (
 )
 from rlxf.backends.http import OpenAIBackend
 from rlxf.backends.local import LocalBackend
+from rlxf.errors import BackendError
 
 __all__ = [
+    "BackendError",
     "BACKEND_SPEC_HELP",
     "Backend",
     "BackendConfig",
@@ -83,7 +85,7 @@ class BackendConfig:
 
 
 def build_backend(cfg: BackendConfig, max_context: int | None = None) -> LocalBackend | OpenAIBackend:
-    """A backend from its config. `max_context` caps the local model's context (spec §3: 4,096 tokens)."""
+    """A backend from its config. `max_context` caps the local model's context (docs/methods/rlaif.md §3: 4,096 tokens)."""
     if cfg.kind == "local":
         if not cfg.model:
             raise ValueError("backend.kind=local needs --backend.model DIR (a save_pretrained directory)")

@@ -1,8 +1,8 @@
-"""LLM labeller backends: a local `transformers` causal LM, or any OpenAI-compatible server (RLAIF spec §2).
+"""LLM labeller backends: a local `transformers` causal LM, or any OpenAI-compatible server (docs/methods/rlaif.md §2).
 
 A backend answers two kinds of request, one prompt at a time or batched:
 
-    generate_greedy(prompts, max_new_tokens) -> list[str]           # CoT rationales (spec §2.2)
+    generate_greedy(prompts, max_new_tokens) -> list[str]           # CoT rationales (docs/methods/rlaif.md §2.2)
     next_token_logprobs(prompts, k, labels) -> list[dict[str, float]]  # top-k {token text: log-prob} after the prompt
 
 plus `generate` (sampling, for self-consistency) and the iterator forms `iter_generate` / `iter_next_token_logprobs`,
@@ -21,7 +21,7 @@ Backends:
 
 A `Prompt` is the user text plus an optional assistant prefill. Completions backends see `user + prefill` as one
 string; chat backends send `user` as the user turn and continue an assistant turn that starts with `prefill`
-(spec §2.2 "chat labelers"; the server must support vLLM's `continue_final_message`, as `rlxf serve` does).
+(docs/methods/rlaif.md §2.2 "chat labelers"; the server must support vLLM's `continue_final_message`, as `rlxf serve` does).
 
 Shapes: B prompts in a batch, L prompt length (left-padded), V vocab.
 """
@@ -46,7 +46,7 @@ TopK = dict[str, float]
 
 class PromptTooLongError(ValueError):
     """The prompt (plus the tokens to generate) does not fit the model's context. Per prompt: the labeller skips
-    and counts the pair (spec §3 "context limit")."""
+    and counts the pair (docs/methods/rlaif.md §3 "context limit")."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ Endpoints (the subset labelling and d-RLAIF need, in OpenAI's response formats):
   `top_p`, `top_k` (vLLM extension), `seed`, `stop`, `logprobs` (k top log-probs per generated token);
 - `POST /v1/chat/completions`: `messages`, `max_tokens` / `max_completion_tokens` (256), `temperature`, `top_p`,
   `top_k`, `seed`, `stop`, `logprobs` + `top_logprobs`, and vLLM's `add_generation_prompt` / `continue_final_message`
-  (continue a prefilled assistant turn, spec §2.2 "chat labelers").
+  (continue a prefilled assistant turn, docs/methods/rlaif.md §2.2 "chat labelers").
 
 Log-probs come from the untempered model distribution. Completions prompts are encoded with the tokenizer's special
 tokens (BOS), chat prompts with the chat template and no special tokens, as vLLM does. `max_tokens` beyond the room

@@ -1,4 +1,4 @@
-"""Reward-collapse diagnostics for a trained ranking reward model (spec reward_collapse.md §4.5), and plots.
+"""Reward-collapse diagnostics for a trained ranking reward model (docs/methods/reward_collapse.md §4.5), and plots.
 
 A profile is one prompt's n rewards sorted ascending; `profiles` is (P, n). Everything here is numpy and returns
 plain floats / lists, so a CLI can print it as JSON; `plot_profiles` and `predict_plot` write a PNG with
@@ -20,7 +20,7 @@ from rlxf.collapse.utilities import Utility
 ALL = "all"
 """Group name for every prompt together (used when prompts have no type)."""
 
-# Pass criteria for a trained RM, spec §4.5.
+# Pass criteria for a trained RM, docs/methods/reward_collapse.md §4.5.
 MAE_TRAIN, MAE_HELD_OUT = 0.05, 0.08
 COLLAPSED_GAP, PROMPT_AWARE_GAP = 0.03, 0.15
 INDEPENDENCE_STD = 0.05
@@ -88,12 +88,12 @@ def mean_profiles(
 
 def predicted_profile(utility: Utility, n: int, smoothed: bool = True) -> np.ndarray:
     """The n-point optimum r* the profiles should match, (n,) ascending. `smoothed=True` (default) gives the
-    ε-smoothed optimum: compare a trained model with the utility it was trained on (spec §6)."""
+    ε-smoothed optimum: compare a trained model with the utility it was trained on (docs/methods/reward_collapse.md §6)."""
     return solve(utility, n, smoothed=smoothed and utility.eps is not None)
 
 
 def profile_error(profiles: np.ndarray, prediction: np.ndarray) -> float:
-    """MAE of the per-index mean profile vs the prediction, (P, n), (n,) -> () (spec §4.5, "profile vs theory")."""
+    """MAE of the per-index mean profile vs the prediction, (P, n), (n,) -> () (docs/methods/reward_collapse.md §4.5, "profile vs theory")."""
     mean = np.sort(np.asarray(profiles, dtype=np.float64), axis=-1).mean(0)
     return float(prediction_mae(mean, prediction))
 
@@ -132,7 +132,7 @@ def diagnose(
     smoothed: bool = True,
     held_out: bool = False,
 ) -> dict[str, Any]:
-    """Every collapse check of spec §4.5 on (P, n) profiles, as a JSON-ready dict.
+    """Every collapse check of docs/methods/reward_collapse.md §4.5 on (P, n) profiles, as a JSON-ready dict.
 
     `utility` is the utility trained with: one for every prompt (fixed U) or a mapping prompt type -> utility
     (prompt-aware, e.g. `{"closed": utility("linear"), "open": utility("inverse")}`). `smoothed` compares with the

@@ -1,4 +1,4 @@
-"""Distances between reward profiles and their predictions (spec reward_collapse.md §2.5, "Distances").
+"""Distances between reward profiles and their predictions (docs/methods/reward_collapse.md §2.5, "Distances").
 
 A profile is one prompt's n rewards sorted ascending, (n,); every function also takes a stack (..., n) and
 reduces the last axis. A law is a frozen scipy distribution on [0, 1], e.g. from `limit_law`. Numpy only.
@@ -17,7 +17,7 @@ def _sorted(profile: np.ndarray) -> np.ndarray:
 def ks_distance(profile: np.ndarray, law) -> np.ndarray:
     """Kolmogorov–Smirnov distance, (..., n) -> (...): max_i max(i/n − F(s_(i)), F(s_(i)) − (i−1)/n).
 
-    With the endpoints 0 and 1 pinned, KS ≥ 1/n for every continuous law (spec §4.3).
+    With the endpoints 0 and 1 pinned, KS ≥ 1/n for every continuous law (docs/methods/reward_collapse.md §4.3).
     """
     s = _sorted(profile)
     n = s.shape[-1]
@@ -27,7 +27,7 @@ def ks_distance(profile: np.ndarray, law) -> np.ndarray:
 
 
 def w1_grid(profile: np.ndarray, law) -> np.ndarray:
-    """W1 on the quantile grid, (..., n) -> (...): (1/n)·Σ_i |s_(i) − F⁻¹((i − ½)/n)|; the W1 of spec §4.3."""
+    """W1 on the quantile grid, (..., n) -> (...): (1/n)·Σ_i |s_(i) − F⁻¹((i − ½)/n)|; the W1 of docs/methods/reward_collapse.md §4.3."""
     s = _sorted(profile)
     n = s.shape[-1]
     q = law.ppf((np.arange(1, n + 1) - 0.5) / n)  # (n,)
@@ -49,7 +49,7 @@ def _partial_mean(law, q: np.ndarray) -> np.ndarray:
 
 
 def w1_exact(profile: np.ndarray, law) -> np.ndarray:
-    """Exact W1 = ∫_0^1 |F_s − F| = ∫_0^1 |F_s⁻¹(u) − F⁻¹(u)| du, (..., n) -> (...) (spec §2.5, option).
+    """Exact W1 = ∫_0^1 |F_s − F| = ∫_0^1 |F_s⁻¹(u) − F⁻¹(u)| du, (..., n) -> (...) (docs/methods/reward_collapse.md §2.5, option).
 
     On u ∈ ((i−1)/n, i/n] the empirical quantile is s_(i); split that interval where F⁻¹ crosses s_(i).
     """
@@ -78,7 +78,7 @@ def prediction_mae(profile: np.ndarray, prediction: np.ndarray) -> np.ndarray:
 def open_closed_gap(open_profiles: np.ndarray, closed_profiles: np.ndarray) -> float:
     """Open-vs-closed gap, (P_open, n), (P_closed, n) -> (): mean_i |mean_p s_open,p[i] − mean_p s_closed,p[i]|.
 
-    About 0 under reward collapse; 0.202 between the pure x and −1/x optima (0.186 with ε = 0.1), spec §4.1.
+    About 0 under reward collapse; 0.202 between the pure x and −1/x optima (0.186 with ε = 0.1), docs/methods/reward_collapse.md §4.1.
     """
     a = _sorted(np.atleast_2d(open_profiles)).mean(0)  # (n,)
     b = _sorted(np.atleast_2d(closed_profiles)).mean(0)

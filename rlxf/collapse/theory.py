@@ -1,4 +1,4 @@
-"""The per-prompt program P_n and its limit laws (Song et al., arXiv:2305.17608; spec reward_collapse.md §2.5, §4).
+"""The per-prompt program P_n and its limit laws (Song et al., arXiv:2305.17608; docs/methods/reward_collapse.md §2.5, §4).
 
 P_n: maximise S(r) = Σ_{i<j} U(r_i − r_j) over 1 ≥ r_1 ≥ … ≥ r_n ≥ 0 (index 1 = best completion). When a reward
 model can interpolate, training splits into one copy of P_n per prompt, so every prompt gets the same optimal
@@ -24,7 +24,7 @@ class NoClosedFormError(ValueError):
 def _objective_and_grad(r: np.ndarray, f, fprime) -> tuple[float, np.ndarray]:
     """S(r) = Σ_{i<j} f(r_i − r_j) and ∂S/∂r for r ordered best first, (n,) -> (), (n,).
 
-    g_i = Σ_{j>i} f′(r_i − r_j) − Σ_{j<i} f′(r_j − r_i) (spec §2.5).
+    g_i = Σ_{j>i} f′(r_i − r_j) − Σ_{j<i} f′(r_j − r_i) (docs/methods/reward_collapse.md §2.5).
     """
     n = r.shape[0]
     iu, ju = np.triu_indices(n, k=1)  # the C(n, 2) pairs i < j
@@ -36,7 +36,7 @@ def _objective_and_grad(r: np.ndarray, f, fprime) -> tuple[float, np.ndarray]:
 
 
 def _solve_gaps(f, fprime, n: int, maxiter: int) -> np.ndarray:
-    """Maximise S with r_1 = 1, r_n = 0 pinned and strictly positive gaps δ = softmax(z) (spec §2.5, method "gaps").
+    """Maximise S with r_1 = 1, r_n = 0 pinned and strictly positive gaps δ = softmax(z) (docs/methods/reward_collapse.md §2.5, method "gaps").
 
     r_i = Σ_{k ≥ i} δ_k; ∂S/∂δ_k = Σ_{i ≤ k} g_i; ∂S/∂z = δ ⊙ (∂S/∂δ − ⟨δ, ∂S/∂δ⟩). Returns r best first, (n,).
     """
@@ -66,7 +66,7 @@ def _solve_gaps(f, fprime, n: int, maxiter: int) -> np.ndarray:
 
 
 def _solve_box(f, fprime, n: int, maxiter: int) -> np.ndarray:
-    """Maximise S over the box [0, 1]^n from linspace(1, 0, n) (spec §2.5, method "box"). Returns r best first."""
+    """Maximise S over the box [0, 1]^n from linspace(1, 0, n) (docs/methods/reward_collapse.md §2.5, method "box"). Returns r best first."""
     scale = 1.0 / (n * (n - 1) / 2)
 
     def fun(r: np.ndarray) -> tuple[float, np.ndarray]:
@@ -119,7 +119,7 @@ def objective(utility: Utility, rewards: np.ndarray, smoothed: bool = False) -> 
 
 
 def limit_law(utility: Utility):
-    """Limit law of the n-point optimum of the pure U as n -> ∞, as a frozen scipy distribution (spec §4.2).
+    """Limit law of the n-point optimum of the pure U as n -> ∞, as a frozen scipy distribution (docs/methods/reward_collapse.md §4.2).
 
     x -> Bernoulli(½) on {0, 1}; x^γ -> Beta((1−γ)/2, (1−γ)/2); log x -> Beta(½, ½) (arcsine);
     −x^(−γ) -> Beta((1+γ)/2, (1+γ)/2) for γ ≤ 1 and Uniform[0, 1] for γ ≥ 1; Box–Cox λ -> Beta(a, a) with

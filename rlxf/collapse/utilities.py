@@ -4,7 +4,7 @@ Song, Cai, Lee & Su, "Reward Collapse in Aligning Large Language Models" (arXiv:
 maximises Σ_{i ranked above j} U(r_i − r_j) with rewards r ∈ (0, 1); the choice of U fixes the reward distribution
 every prompt collapses to, and choosing U per prompt (the prompt-aware utility) chooses that prompt's distribution.
 
-Each `Utility` has two forms (spec reward_collapse.md §2.3):
+Each `Utility` has two forms (docs/methods/reward_collapse.md §2.3):
 - the **pure** form U(x), `u.pure(x)`, used by the theory solver (pure log and −1/x are undefined for x ≤ 0);
 - the **training** form Ũ(d), `u(d)`: ε-smoothed so that Ũ(0) = 0, Ũ(d) = U(d + ε) − U(ε) for d > 0, and a
   linear extension with the C¹ slope U′(ε) for d ≤ 0 (a mis-ordered pair keeps a finite, useful gradient).
@@ -62,7 +62,7 @@ _FAMILIES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
     "power": (lambda x, u: x**u.gamma, lambda x, u: u.gamma * x ** (u.gamma - 1.0), ("gamma",)),
     "neg_power": (lambda x, u: -(x**-u.gamma), lambda x, u: u.gamma * x ** (-u.gamma - 1.0), ("gamma",)),
     "logsigmoid": (lambda x, u: _logsigmoid(u.c * x), lambda x, u: u.c * _sigmoid(-u.c * x), ("c",)),
-    # Box–Cox family (spec §2.4): (x^λ − 1)/λ, with log x at λ = 0; the constant −1/λ is dropped (same maximiser).
+    # Box–Cox family (docs/methods/reward_collapse.md §2.4): (x^λ − 1)/λ, with log x at λ = 0; the constant −1/λ is dropped (same maximiser).
     "boxcox": (
         lambda x, u: _log(x) if u.lam == 0 else x**u.lam / u.lam,
         lambda x, u: x ** (u.lam - 1.0),
@@ -122,7 +122,7 @@ class Utility:
 
     # ---- training form ---------------------------------------------------------------------------------------------
     def __call__(self, d: Array) -> Array:
-        """Training form Ũ(d), elementwise on an array or tensor of margins d = r_i − r_j (spec §2.3)."""
+        """Training form Ũ(d), elementwise on an array or tensor of margins d = r_i − r_j (docs/methods/reward_collapse.md §2.3)."""
         if not self.smoothed_by_eps:
             return self.pure(d)
         eps = self.eps
@@ -158,7 +158,7 @@ class Utility:
 
 
 def utility(name: str, **params: Any) -> Utility:
-    """Build the utility `name` with its parameters (spec reward_collapse.md §2.3).
+    """Build the utility `name` with its parameters (docs/methods/reward_collapse.md §2.3).
 
     Names: "linear" (x), "log" (log x), "inverse" (−1/x), "power" (x^γ, `gamma=` in (0, 1)), "neg_power"
     (−x^(−γ), `gamma=` > 0), "logsigmoid" (log σ(c·x), `c=`, default 4), "boxcox" ((x^λ − 1)/λ, `lam=` in [−1, 1]).
@@ -204,9 +204,9 @@ def utility(name: str, **params: Any) -> Utility:
     return Utility(name=name, compat=compat, **kwargs)
 
 
-# ---- prompt-aware choice (spec §2.4) ----------------------------------------------------------------------------
+# ---- prompt-aware choice (docs/methods/reward_collapse.md §2.4) ----------------------------------------------------------------------------
 def openness_to_lambda(openness: float, a_min: float = 0.0) -> float:
-    """Openness o ∈ [0, 1] -> Box–Cox λ = 1 − 2a with target shape a = a_min + o·(1 − a_min) (spec §2.4).
+    """Openness o ∈ [0, 1] -> Box–Cox λ = 1 − 2a with target shape a = a_min + o·(1 − a_min) (docs/methods/reward_collapse.md §2.4).
 
     The target limit law is Beta(a, a): o = 0 polarised (Bernoulli(½)), o = ½ arcsine, o = 1 uniform.
     """
@@ -221,7 +221,7 @@ def openness_to_lambda(openness: float, a_min: float = 0.0) -> float:
 def openness_utility(
     openness: float, *, a_min: float = 0.0, normalise: bool = True, eps: float | None = DEFAULT_EPS
 ) -> Utility:
-    """The utility for one openness o ∈ [0, 1] (spec §2.4).
+    """The utility for one openness o ∈ [0, 1] (docs/methods/reward_collapse.md §2.4).
 
     `normalise=True` (rlxf default): the Box–Cox form ((d+ε)^λ − ε^λ)/λ, equal to `linear`, `log` and `inverse` at
     o = 0, ½, 1 and with a gradient scale continuous in o. `normalise=False`: the raw forms x (λ = 1), x^λ
@@ -247,7 +247,7 @@ def prompt_aware_utility(
     normalise: bool = True,
     eps: float | None = DEFAULT_EPS,
 ) -> Utility:
-    """The utility for one example: `openness` wins over `prompt_type`; with neither, o = ½ (log) (spec §2.4).
+    """The utility for one example: `openness` wins over `prompt_type`; with neither, o = ½ (log) (docs/methods/reward_collapse.md §2.4).
 
     prompt_type: "closed" -> x, "open" -> −1/x (the paper's binary rule, `BINARY_RULE`).
     """

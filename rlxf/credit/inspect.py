@@ -1,15 +1,12 @@
-"""Credit assignment on tokenized responses, and its inspection (`rlxf segments show`, `rlxf segments quality`).
-
-`rlxf.credit` holds the pure segmenters and masks (rlxf-ASR, arXiv:2411.00809). This module applies them to real
-responses: a reward source (`rlxf.rewards.sources`, the (B, T) reward contract) scores the tokens, `assign_credit`
-turns the token rewards into segments and keep-masks for given labels (the glue DPO and rejection sampling use),
-and two commands let a person check what a trainer would train on:
+"""Looking at what credit assignment keeps: `rlxf segments show` and `rlxf segments quality`.
 
 - `run_show_segments`: each response with its segments, boundaries, segment rewards and kept / masked tokens, as
   ANSI-coloured text for the terminal and as a self-contained HTML page;
 - `run_segment_quality`: on FactWorld, precision and recall of the NEGATIVE segments (segment reward < 0) against the
   gold wrong-fact spans, per granularity. The matching is pure (`segment_char_spans`, `match_negative_segments`,
   `precision_recall`).
+
+Both go through `rlxf.credit.assign.assign_credit`, the path the trainers take, so what is shown is what is trained.
 
 Shapes: B responses, T tokens (the padded response axis; column t is response token y_t).
 """
@@ -23,134 +20,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
+from rlxf.credit.assign import ResponseCredit, assign_credit
 from rlxf.credit.segments import (
     GRANULARITIES,
     CreditConfig,
-    Segment,
-    agreement_mask,
-    batch_tau,
-    segment,
-    step_boundaries,
 )
-from rlxf.rewards.sources import RewardSource, build_reward_source, response_mask, token_char_offsets
+from rlxf.rewards.contract import RewardSource, token_char_offsets
+from rlxf.rewards.sources import build_reward_source
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Credit of a batch of responses (used by the trainers)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def token_texts(response_ids: Sequence[int], text: str, tokenizer: Any) -> list[str]:
-    """The text each response token adds to `text` (= decode(response_ids, skip_special_tokens=True)), one string per
-    token, through `token_char_offsets` (decoding growing prefixes): EOS and other special tokens give ""."""
-    return [text[a:b] for a, b in token_char_offsets(response_ids, text, tokenizer)]
-
-
-@dataclass
-class ResponseCredit:
-    """What credit assignment made of B responses."""
-
-    token_rewards: Tensor
-    """(B, T) float32: the reward for y_t in column t, 0 outside `mask`."""
-    mask: Tensor
-    """(B, T) bool: True on the response tokens (right padding)."""
-    keep: Tensor
-    """(B, T) bool: the tokens a trainer trains on (label · segment reward > 0; all tokens for 'sequence')."""
-    segments: list[list[Segment]]
-    """Per response, its segments in order (`rlxf.credit.segment`)."""
-    tau: float
-    """The pivot threshold of 'segment' for this batch (credit.tau, or tau_scale × std of the batch's rewards)."""
-    texts: list[str]
-    """The decoded responses (special tokens skipped)."""
-    tokens: list[list[str]] | None = None
-    """Per response, the text of each token (`token_texts`), when asked for or needed ('step')."""
-
-
-def assign_credit(
-    credit: CreditConfig,
-    labels: Sequence[int],
-    response_ids: Sequence[Sequence[int]],
-    tokenizer: Any,
-    *,
-    source: RewardSource | None = None,
-    prompt_rows: Sequence[Mapping[str, Any]] | None = None,
-    token_rewards: Tensor | None = None,
-    texts: Sequence[str] | None = None,
-    with_tokens: bool = False,
-) -> ResponseCredit:
-    """Token rewards -> segments and keep-masks of B responses, all in one batch (one τ; spec §2.4 step 2).
-
-    labels: B values in {+1, −1, 0} (DPO chosen / rejected, the winner of rejection sampling, the sign of an
-    advantage). Token rewards come from `token_rewards` ((B, T') float, column t = token t; extra columns are cut)
-    or else from `source(prompt_rows, response_ids, texts, tokenizer)`. Neither is needed for 'sequence', which
-    keeps every response token. 'step' cuts after tokens whose text ends a step (`step_boundaries` of `token_texts`).
-    """
-    mask = response_mask(response_ids)  # (B, T)
-    if texts is None:
-        texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in response_ids]
-    texts = list(texts)
-    if token_rewards is None and source is not None:
-        if prompt_rows is None:
-            raise ValueError("assign_credit: a reward source needs the prompt rows")
-        token_rewards, _ = source(prompt_rows, response_ids, texts, tokenizer)
-    if token_rewards is None:
-        if credit.granularity != "sequence":
-            raise ValueError(f"granularity {credit.granularity!r} needs token rewards: pass a source or the rewards")
-        token_rewards = torch.zeros(mask.shape)
-    token_rewards = token_rewards.detach().float().cpu()
-    if token_rewards.shape[0] != mask.shape[0] or token_rewards.shape[1] < mask.shape[1]:
-        raise ValueError(f"token rewards {tuple(token_rewards.shape)} do not cover the responses {tuple(mask.shape)}")
-    token_rewards = torch.where(mask, token_rewards[:, : mask.shape[1]], 0.0)  # (B, T)
-    tokens = None
-    if with_tokens or credit.granularity == "step":
-        tokens = [token_texts(ids, text, tokenizer) for ids, text in zip(response_ids, texts)]
-    boundaries = step_boundaries(tokens) if credit.granularity == "step" else None  # (B, T): one text per token
-    tau = torch.as_tensor(credit.tau) if credit.tau is not None else batch_tau(token_rewards, mask, credit.tau_scale)
-    options = {"boundaries": boundaries, "tau": tau, "window": credit.window, "min_len": credit.min_len}
-    labels_t = torch.as_tensor(list(labels), dtype=torch.float32)  # (B,)
-    keep = agreement_mask(token_rewards, mask, labels_t, credit.granularity, **options)
-    segments = segment(token_rewards, mask, credit.granularity, **options)
-    return ResponseCredit(token_rewards, mask, keep, segments, float(tau), texts, tokens)
-
-
-def credit_counts(rc: ResponseCredit, labels: Sequence[int]) -> dict[str, float]:
-    """Sums over a batch, to be added up across batches and turned into metrics by `credit_metrics`."""
-    lab = torch.as_tensor(list(labels))
-    n_tok, n_keep = rc.mask.sum(-1), rc.keep.sum(-1)  # (B,)
-    return {
-        "tokens_pos": float(n_tok[lab > 0].sum()),
-        "kept_pos": float(n_keep[lab > 0].sum()),
-        "tokens_neg": float(n_tok[lab < 0].sum()),
-        "kept_neg": float(n_keep[lab < 0].sum()),
-        "responses": float((n_tok > 0).sum()),
-        "tokens": float(n_tok.sum()),
-        "segments": float(sum(len(s) for s in rc.segments)),
-        "tau_sum": rc.tau,
-        "batches": 1.0,
-    }
-
-
-def credit_metrics(counts: Mapping[str, float]) -> dict[str, float]:
-    """`asr/` metrics (spec §2.6 "Logging") from summed `credit_counts`: kept fractions of the label +1 (chosen,
-    selected) and −1 (rejected) tokens, the mean τ over batches, segments per response, tokens per segment.
-    A metric without data (e.g. no label −1 response) is left out."""
-    out: dict[str, float] = {}
-    if counts.get("tokens_pos"):
-        out["asr/kept_frac_chosen"] = counts["kept_pos"] / counts["tokens_pos"]
-    if counts.get("tokens_neg"):
-        out["asr/kept_frac_rejected"] = counts["kept_neg"] / counts["tokens_neg"]
-    if counts.get("batches"):
-        out["asr/tau"] = counts["tau_sum"] / counts["batches"]
-    if counts.get("responses"):
-        out["asr/segments_per_seq"] = counts["segments"] / counts["responses"]
-    if counts.get("segments"):
-        out["asr/mean_segment_len"] = counts["tokens"] / counts["segments"]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Adaptive Segment-level Reward, Li et al., arXiv:2411.00809: cut a response into segments where a token-level reward
 changes sign, and train only on the segments whose reward agrees in sign with the sequence label. The exact pivot
-rule of the paper was not available; this is the rlxf rule of /work/shared/methods/adaptive_segment_reward.md §2.3-2.4.
+rule of the paper was not available; this is the rlxf rule of docs/methods/adaptive_segment_reward.md §2.3-2.4.
 
 Shapes: B batch (responses), T tokens (response axis, padded).
 
@@ -14,7 +14,7 @@ column of its last valid token, so with left padding the first segment starts at
 outside the mask changes any result, and every (B, T) output is False outside the mask.
 
 Loss side. `weighted_sequence_logprobs` sums log π(y_t) over the kept tokens with weights w_t = m_t + λ·(1 − m_t)
-(spec §2.1, §2.6): masked DPO ("ADPO") applies it to the policy and the reference, masked rejection sampling ("ARJ")
+(docs/methods/adaptive_segment_reward.md §2.1, §2.6): masked DPO ("ADPO") applies it to the policy and the reference, masked rejection sampling ("ARJ")
 divides it by Σ_t w_t.
 
 `agreement_mask` is vectorised except for the short-segment merge of `segment` granularity, which is sequential by
@@ -30,8 +30,6 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
-
-from rlxf.logprobs import token_logprobs
 
 Granularity = Literal["sequence", "token", "step", "segment"]
 SegmentReduce = Literal["mean", "sum"]
@@ -83,7 +81,7 @@ class Segment(NamedTuple):
 
 
 def step_boundaries(token_strings: Sequence[Sequence[str]], delimiters: Sequence[str] = STEP_DELIMITERS) -> Tensor:
-    """Decoded token texts -> (B, T) bool, True on tokens that END a step (spec §2.3 `step`).
+    """Decoded token texts -> (B, T) bool, True on tokens that END a step (docs/methods/adaptive_segment_reward.md §2.3 `step`).
 
     A token ends a step if its text contains a newline, or if it ends in one of `delimiters` once trailing whitespace
     is stripped. Pass one string per column, aligned with the reward tensor (use "" for prompt/padding columns, which
@@ -103,7 +101,7 @@ def _compact_order(mask: Tensor) -> Tensor:
 
 
 def centred_mean(r: Tensor, valid: Tensor, window: int = 3) -> Tensor:
-    """Centred moving average over a width-`window` window, clipped to the valid tokens (spec §2.4 step 1).
+    """Centred moving average over a width-`window` window, clipped to the valid tokens (docs/methods/adaptive_segment_reward.md §2.4 step 1).
 
     r: (B, T) rewards with the valid tokens first in each row; valid: (B, T) bool, a prefix of each row.
     At the edges only the tokens that exist are averaged. Returns (B, T), 0 on invalid positions.
@@ -125,7 +123,7 @@ def centred_mean(r: Tensor, valid: Tensor, window: int = 3) -> Tensor:
 
 
 def batch_tau(token_rewards: Tensor, mask: Tensor, scale: float = 0.1) -> Tensor:
-    """τ = scale · population std of the raw rewards of all valid tokens in the batch (spec §2.4 step 2) -> ().
+    """τ = scale · population std of the raw rewards of all valid tokens in the batch (docs/methods/adaptive_segment_reward.md §2.4 step 2) -> ().
 
     0 when the std is 0 or there are no valid tokens.
     """
@@ -136,7 +134,7 @@ def batch_tau(token_rewards: Tensor, mask: Tensor, scale: float = 0.1) -> Tensor
 
 
 def hysteresis_pivots(smoothed: Tensor, valid: Tensor, tau: Tensor | float) -> Tensor:
-    """(B, T) smoothed rewards (valid tokens first) -> (B, T) bool, True where a new segment starts (spec §2.4 step 3).
+    """(B, T) smoothed rewards (valid tokens first) -> (B, T) bool, True where a new segment starts (docs/methods/adaptive_segment_reward.md §2.4 step 3).
 
     Side starts undecided; the first |s_t| > τ decides it (not a pivot); afterwards a pivot is a token whose s_t
     crosses to the other side of ±τ. Values within [-τ, τ] never change the side.
@@ -150,7 +148,7 @@ def hysteresis_pivots(smoothed: Tensor, valid: Tensor, tau: Tensor | float) -> T
 
 
 def merge_short(starts: list[int], length: int, min_len: int = 2) -> list[int]:
-    """Merge segments shorter than `min_len` (spec §2.4 step 4); `starts` begins with 0, segments end at `length`.
+    """Merge segments shorter than `min_len` (docs/methods/adaptive_segment_reward.md §2.4 step 4); `starts` begins with 0, segments end at `length`.
 
     While more than one segment remains and one is shorter than `min_len`, the leftmost such segment merges into its
     left neighbour; the first segment merges into its right neighbour. Returns the new start list.
@@ -254,7 +252,7 @@ def segment(
     min_len: int = 2,
     reduce: SegmentReduce = "mean",
 ) -> list[list[Segment]]:
-    """Split each row's masked tokens into segments (rlxf-ASR, arXiv:2411.00809; spec §2.3-2.4).
+    """Split each row's masked tokens into segments (rlxf-ASR, arXiv:2411.00809; docs/methods/adaptive_segment_reward.md §2.3-2.4).
 
     granularity: "sequence" one segment per response; "token" one per token; "step" cut after every token flagged in
     `boundaries` (no smoothing, no merging); "segment" adaptive: centred mean over `window` tokens, pivots where the
@@ -293,7 +291,7 @@ def agreement_mask(
     reduce: SegmentReduce = "mean",
     margin: float = 0.0,
 ) -> Tensor:
-    """(B, T) bool keep-mask: token t is kept iff label · R_{k(t)} > margin (rlxf-ASR, arXiv:2411.00809; spec §2.4-2.5).
+    """(B, T) bool keep-mask: token t is kept iff label · R_{k(t)} > margin (rlxf-ASR, arXiv:2411.00809; docs/methods/adaptive_segment_reward.md §2.4-2.5).
 
     R_k is the reward of t's segment as computed by `segment` with the same options. "sequence" is the vanilla method:
     every valid token is kept whatever the rewards and labels (token_rewards may be None). Label 0 keeps nothing at
@@ -311,16 +309,3 @@ def agreement_mask(
     return torch.zeros_like(mask).scatter(-1, order, keep_c)
 
 
-def weighted_sequence_logprobs(
-    logits: Tensor,  # (B, T, V) logits[:, t] scores labels[:, t] (already shifted)
-    labels: Tensor,  # (B, T) token ids; any value where weight is 0
-    weight: Tensor,  # (B, T) float token weights w_t (the keep-mask as float, 0 outside the response)
-) -> Tensor:
-    """Σ_t w_t · log π(labels_t) per row: (B, T, V), (B, T), (B, T) -> (B,) float32 (spec §2.6, h = Σ_t w_t Δ_t).
-
-    With w = the response mask as float it equals `rlxf.logprobs.sequence_logprobs` bit for bit (same kernel, same
-    products and sums), so an all-ones keep-mask reproduces the unmasked losses exactly. The gradient with respect to
-    the logits of a position with w_t = 0 is exactly 0.
-    """
-    safe_labels = labels.masked_fill(weight == 0, 0)  # positions of weight 0 contribute 0 · finite = 0
-    return (token_logprobs(logits, safe_labels) * weight.to(torch.float32)).sum(-1)

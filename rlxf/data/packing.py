@@ -99,18 +99,6 @@ def pack_pairs(rows: Sequence[dict[str, Any]], pad_id: int, capacity: int = 0) -
     }
 
 
-def packed_sequence_logprobs(logits: Tensor, batch: dict[str, Tensor], num_sequences: int) -> tuple[Tensor, Tensor]:
-    """Summed log-probs of each sequence's response tokens and their counts: (R, L, V) logits -> (2B,), (2B,).
-
-    Only the N predicting positions are normalised: `logit[target] - logsumexp(logits)` on an (N, V) float32 copy.
-    """
-    picked = logits.flatten(0, 1)[batch["target_index"]].float()  # (R*L, V) -> (N, V)
-    logps = picked.gather(-1, batch["target_ids"][:, None]).squeeze(-1) - picked.logsumexp(-1)  # (N,)
-    sums = logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], logps)  # (2B,)
-    counts = logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], torch.ones_like(logps))  # (2B,)
-    return sums, counts
-
-
 PACKING_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take the (R, 1, L, L) boolean mask of packed pairs as it is."""
 

@@ -1,6 +1,6 @@
-"""`rlxf label`: AI preference labels from an LLM labeller (RLAIF, Lee et al. 2023, arXiv:2309.00267; spec rlaif.md).
+"""`rlxf label`: AI preference labels from an LLM labeller (RLAIF, Lee et al. 2023, arXiv:2309.00267; docs/methods/rlaif.md).
 
-For each pair (context, a, b), in both presentation orders (spec §2.3):
+For each pair (context, a, b), in both presentation orders (docs/methods/rlaif.md §2.3):
   1. build the prompt: preamble + optional exemplars + the sample + the ending (`rlxf.feedback.prompts`);
   2. with chain of thought, decode a rationale greedily after the CoT lead, then append it and the ending (§2.2);
      with self-consistency, sample N rationales instead and score each (§2.5);
@@ -103,9 +103,9 @@ class LabelConfig:
     """Log-probs requested per scoring call (servers cap it: OpenAI 5, vLLM 20 by default); local models see all."""
     missing: Literal["upper_bound", "kth", "drop"] = "upper_bound"
     """A label missing from the top-k list: impute the upper bound min(ℓ_k, log(1 − Σ p)), the k-th log-prob, or drop
-    that order (spec §2.4)."""
+    that order (docs/methods/rlaif.md §2.4)."""
     combine: Literal["arithmetic", "geometric"] = "arithmetic"
-    """How the two orders combine: mean of probabilities, or mean of log-odds (spec §3)."""
+    """How the two orders combine: mean of probabilities, or mean of log-odds (docs/methods/rlaif.md §3)."""
     self_consistency: int = 0
     """Number of sampled rationales per order (0 = off, greedy). Needs CoT; the paper found it lowers alignment."""
     sc_temperature: float = 0.3
@@ -115,7 +115,7 @@ class LabelConfig:
     seed: int = 0
     """Seed of the self-consistency samples."""
     max_prompt_tokens: int = 4096
-    """Local labeller: prompts longer than this (or the model's context) are skipped and counted (spec §3)."""
+    """Local labeller: prompts longer than this (or the model's context) are skipped and counted (docs/methods/rlaif.md §3)."""
     cache: str = ""
     """SQLite file of finished judgements; empty = `<out stem>.cache.sqlite`. Re-running continues from it."""
     on_bad_row: Literal["error", "skip"] = "error"
@@ -282,7 +282,7 @@ class Judgement:
 
 
 class PairwiseLabeler:
-    """Soft AI preference labels for (context, a, b) pairs from one backend and one template (spec §2.2–2.5).
+    """Soft AI preference labels for (context, a, b) pairs from one backend and one template (docs/methods/rlaif.md §2.2–2.5).
 
     Calls per pair: 2 without CoT, 4 with CoT, 4·N with N-sample self-consistency. With a local backend, the
     template's ending is checked against the tokenizer first (`labels.check_ending_tokenization`): a digit that merges
@@ -426,7 +426,7 @@ def _finite_or_none(x: Any) -> Any:
 
 
 def label_metrics(judgements: Sequence[Judgement], human_prefers_a: Sequence[bool | None]) -> dict[str, Any]:
-    """Position bias, alignment with human labels and calibration of `label_prob` (spec §2.9) over valid pairs.
+    """Position bias, alignment with human labels and calibration of `label_prob` (docs/methods/rlaif.md §2.9) over valid pairs.
 
     Alignment and calibration use the pairs with a human label (None = unknown); calibration compares `label_prob`
     with agreement (ECE over 5 bins on [½, 1], `labels.expected_calibration_error`).

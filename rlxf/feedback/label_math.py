@@ -1,4 +1,4 @@
-"""RLAIF label math as pure functions (Lee et al. 2023, arXiv:2309.00267; rlxf spec shared/methods/rlaif.md).
+"""RLAIF label math as pure functions (Lee et al. 2023, arXiv:2309.00267; docs/methods/rlaif.md).
 
 Tensor functions take and return torch tensors (floats are accepted and converted); the top-k readers take the
 plain `{token: logprob}` maps that completions APIs return. No I/O, no logging.
@@ -29,7 +29,7 @@ def _t(x: Tensor | float | Sequence[float]) -> Tensor:
     return x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
 
 
-# --- one order: two-token softmax (spec §2.2) ------------------------------------------------------------------------
+# --- one order: two-token softmax (docs/methods/rlaif.md §2.2) ------------------------------------------------------------------------
 
 
 def preference_from_logprobs(logp_first: Tensor | float, logp_second: Tensor | float) -> Tensor:
@@ -48,7 +48,7 @@ def preference_from_logprobs(logp_first: Tensor | float, logp_second: Tensor | f
     return torch.where(both_missing, torch.full_like(p, float("nan")), p)
 
 
-# --- both orders (spec §2.3) -----------------------------------------------------------------------------------------
+# --- both orders (docs/methods/rlaif.md §2.3) -----------------------------------------------------------------------------------------
 
 
 def debias(p_ab: Tensor | float, p_ba: Tensor | float, method: DebiasMethod = "arithmetic") -> Tensor:
@@ -61,7 +61,7 @@ def debias(p_ab: Tensor | float, p_ba: Tensor | float, method: DebiasMethod = "a
         p_ab: (B,) P(first wins) with a listed first.
         p_ba: (B,) P(first wins) with b listed first.
         method: "arithmetic" | "geometric".
-    Returns: (B,) P(a ≻ b). An order that is NaN (invalid) is skipped and the other is used alone (spec §2.4,
+    Returns: (B,) P(a ≻ b). An order that is NaN (invalid) is skipped and the other is used alone (docs/methods/rlaif.md §2.4,
     `single_order`); NaN when both are. "geometric" is also NaN for contradictory certainties (p_ab = p_ba = 1).
     """
     p_ab, p_ba = _t(p_ab), _t(p_ba)
@@ -83,7 +83,7 @@ def single_order(p_ab: Tensor | float, p_ba: Tensor | float) -> Tensor:
 def invert_for_harmless(p: Tensor | float, invert: bool = True) -> Tensor:
     """p_a = 1 − P(labeller picks a) when the preamble asks for the *more harmful* response (`Preamble.invert`).
 
-    Worked example (spec §4): P(a more harmful) = 0.7 gives p_a = 0.3. With invert=False, p is returned unchanged.
+    Worked example (docs/methods/rlaif.md §4): P(a more harmful) = 0.7 gives p_a = 0.3. With invert=False, p is returned unchanged.
     """
     p = _t(p)
     return 1 - p if invert else p
@@ -137,7 +137,7 @@ def binomial_test_two_sided(k: int, n: int, p: float = 0.5) -> float:
     return min(1.0, sum(math.exp(q) for q in log_pmf if q <= threshold))
 
 
-# --- metrics (spec §2.9) ---------------------------------------------------------------------------------------------
+# --- metrics (docs/methods/rlaif.md §2.9) ---------------------------------------------------------------------------------------------
 
 
 def label_prob(p_a: Tensor | float) -> Tensor:
@@ -199,7 +199,7 @@ def expected_calibration_error(
 
 
 def self_consistency(p_a: Tensor) -> Tensor:
-    """Self-consistency (spec §2.5): mean of the K debiased P(a ≻ b) from K sampled rationales.
+    """Self-consistency (docs/methods/rlaif.md §2.5): mean of the K debiased P(a ≻ b) from K sampled rationales.
 
     Args:
         p_a: (B, K) debiased probabilities, one per sampled rationale; NaN (invalid) samples are skipped.
@@ -208,7 +208,7 @@ def self_consistency(p_a: Tensor) -> Tensor:
     return _t(p_a).nanmean(-1)  # (B, K) -> (B,)
 
 
-# --- d-RLAIF direct score (spec §2.7) --------------------------------------------------------------------------------
+# --- d-RLAIF direct score (docs/methods/rlaif.md §2.7) --------------------------------------------------------------------------------
 
 _SCORE_OFFSET = {"1-10": 5.5, "0-9": 4.5}
 _SCORE_VALUES = {"1-10": tuple(range(1, 11)), "0-9": tuple(range(10))}
@@ -216,7 +216,7 @@ _SCORE_VALUES = {"1-10": tuple(range(1, 11)), "0-9": tuple(range(10))}
 
 def split_ten(logp_one: Tensor | float, logp_zero_after_one: Tensor | float) -> tuple[Tensor, Tensor]:
     """When "10" is two tokens ("1", "0"): with q = P("0" | prompt + "1") from one extra forward pass,
-    P(10) = P("1")·q and P(1) = P("1")·(1 − q) (spec §2.7 step 4).
+    P(10) = P("1")·q and P(1) = P("1")·(1 − q) (docs/methods/rlaif.md §2.7 step 4).
 
     Args:
         logp_one: (B,) log P("1") after "SCORE:".
@@ -249,14 +249,14 @@ def expected_score(score_logprobs: Tensor, scale: ScoreScale = "1-10") -> Tensor
 def direct_reward(score: Tensor | float, scale: ScoreScale = "1-10") -> Tensor:
     """d-RLAIF reward in [−1, 1]: r = (s − 5.5)/4.5 on "1-10", (s − 4.5)/4.5 on "0-9".
 
-    The paper says only "rescaled to [−1, 1]" (§2.4 of v2); this affine map is an rlxf decision (spec §2.7).
+    The paper says only "rescaled to [−1, 1]" (§2.4 of v2); this affine map is an rlxf decision (docs/methods/rlaif.md §2.7).
     """
     if scale not in _SCORE_OFFSET:
         raise ValueError(f"scale must be one of {tuple(_SCORE_OFFSET)}, got {scale!r}")
     return (_t(score) - _SCORE_OFFSET[scale]) / 4.5
 
 
-# --- label tokens: tokenisation traps (spec §2.2, §6) ----------------------------------------------------------------
+# --- label tokens: tokenisation traps (docs/methods/rlaif.md §2.2, §6) ----------------------------------------------------------------
 
 
 def label_variants(label: str) -> tuple[str, str]:
@@ -296,7 +296,7 @@ def label_token_ids(
 
 
 def check_ending_tokenization(tokenizer, ending: str, labels: Sequence[str] = ("1", "2")) -> None:
-    """Raise if appending a label to `ending` does not simply add the label's token (spec §2.2).
+    """Raise if appending a label to `ending` does not simply add the label's token (docs/methods/rlaif.md §2.2).
 
     Two traps are caught: the digit merging with the ending ("=1" as one token), and a trailing space in the
     ending (the tokenizer would then encode "= 1" as "=", " 1", so the model's next token after "= " is not
@@ -343,7 +343,7 @@ class TopkLabels(NamedTuple):
     imputed: bool
     """True when at least one label was missing and its log-prob was imputed."""
     valid: bool
-    """False when every label was missing (or any, with mode="drop"): drop this order (spec §2.4)."""
+    """False when every label was missing (or any, with mode="drop"): drop this order (docs/methods/rlaif.md §2.4)."""
 
 
 def label_logprobs_from_topk(
@@ -352,7 +352,7 @@ def label_logprobs_from_topk(
     mode: MissingMode = "upper_bound",
     min_missing_mass: float = 1e-12,
 ) -> TopkLabels:
-    """Label log-probs from a `{token: logprob}` top-k map (completions APIs), imputing missing labels (spec §2.4).
+    """Label log-probs from a `{token: logprob}` top-k map (completions APIs), imputing missing labels (docs/methods/rlaif.md §2.4).
 
     Each label's log-prob is the logsumexp of its variants present in the map ("k" and " k"). A label is missing
     when none of its variants is there. Modes (rlxf default "upper_bound"):

@@ -3,8 +3,8 @@
 A pairwise prompt is preamble + optional few-shot exemplars + the sample (context and the two responses, labelled
 1 and 2) + the ending ("Preferred Summary=" / "Preferred Response="), after which the labeller's next-token
 log-probs of "1" and "2" are read (see `rlxf.feedback.label_math`). Chain of thought (CoT) is two calls: a rationale
-prompt decoded greedily, then the scoring prompt that contains the rationale and the ending (spec §2.2).
-d-RLAIF scores one response from 1 to 10 instead (spec §2.7).
+prompt decoded greedily, then the scoring prompt that contains the rationale and the ending (docs/methods/rlaif.md §2.2).
+d-RLAIF scores one response from 1 to 10 instead (docs/methods/rlaif.md §2.7).
 
 Layout (every piece joined exactly as written here; the golden files in tests/golden/rlaif/ pin it):
 
@@ -153,7 +153,7 @@ PREAMBLES: dict[tuple[str, str], Preamble] = {
     ("harmless", "detailed"): HARMLESS_DETAILED,
 }
 
-# Zero-shot CoT step 1 replaces the ending with one of these plus "\nRationale:" (spec §2.2). The summarisation
+# Zero-shot CoT step 1 replaces the ending with one of these plus "\nRationale:" (docs/methods/rlaif.md §2.2). The summarisation
 # instruction follows the paper's; the dialogue ones are rlxf wording.
 COT_INSTRUCTIONS: dict[str, str] = {
     "summarize": (
@@ -239,14 +239,14 @@ class LabellingTemplate:
     @property
     def cot_lead(self) -> str:
         """What ends the CoT step-1 prompt: the reasoning instruction plus "Rationale:" (0-shot), or
-        "Thoughts on Summary 1 -" / "Thoughts on Response 1 -" with few-shot exemplars (spec §2.2)."""
+        "Thoughts on Summary 1 -" / "Thoughts on Response 1 -" with few-shot exemplars (docs/methods/rlaif.md §2.2)."""
         if self.exemplars:
             return f"Thoughts on {self.noun} 1 -"
         return f"{COT_INSTRUCTIONS[self.task]}\nRationale:"
 
 
 def default_template(task: Task, exemplars: tuple[Exemplar, ...] = ()) -> LabellingTemplate:
-    """The paper's best prompt per task (spec §3): summarize = detailed + CoT, helpful = base + CoT,
+    """The paper's best prompt per task (docs/methods/rlaif.md §3): summarize = detailed + CoT, helpful = base + CoT,
     harmless = base, no CoT (the paper's is 2-shot: pass the two exemplars; rlxf ships none)."""
     if task == "summarize":
         return LabellingTemplate(task, SUMMARIZE_DETAILED, exemplars, cot=True)
@@ -287,7 +287,7 @@ def prompt_prefix(template: LabellingTemplate, context: str, response_1: str, re
 def build_prompt(template: LabellingTemplate, context: str, response_1: str, response_2: str) -> str:
     """The scoring prompt without CoT: prefix + ending. Read the next-token log-probs of "1" and "2" after it.
 
-    Call it twice, with (a, b) and with (b, a), to debias position (spec §2.3).
+    Call it twice, with (a, b) and with (b, a), to debias position (docs/methods/rlaif.md §2.3).
     """
     if template.cot:
         raise ValueError("template.cot=True: use build_rationale_prompt, then build_cot_scoring_prompt")
@@ -304,7 +304,7 @@ def build_rationale_prompt(template: LabellingTemplate, context: str, response_1
 def build_cot_scoring_prompt(
     template: LabellingTemplate, context: str, response_1: str, response_2: str, rationale: str
 ) -> str:
-    """CoT step 2: the step-1 prompt + the generated rationale + "\\n" + ending (spec §2.10 pseudo-code).
+    """CoT step 2: the step-1 prompt + the generated rationale + "\\n" + ending (docs/methods/rlaif.md §2.10 pseudo-code).
 
     The rationale is used as generated, except that trailing whitespace is stripped so exactly one newline
     separates it from the ending.
@@ -314,7 +314,7 @@ def build_cot_scoring_prompt(
     )
 
 
-# --- d-RLAIF direct scoring (spec §2.7) ------------------------------------------------------------------------------
+# --- d-RLAIF direct scoring (docs/methods/rlaif.md §2.7) ------------------------------------------------------------------------------
 
 # rlxf wording modelled on the paper's d-RLAIF prompt; {lo}/{hi} are filled from the scale.
 DIRECT_SCORE_PREAMBLES: dict[str, str] = {

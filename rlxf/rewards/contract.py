@@ -18,13 +18,29 @@ Shapes: B batch (responses), T tokens (the padded response axis).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
 Unmatched = Literal["raise", "drop"]
+
+
+RewardOutput = tuple[Tensor, Tensor]
+"""(rewards (B, T) float32, mask (B, T) bool): the reward contract."""
+
+
+class RewardSource(Protocol):
+    """Anything called once per batch of responses with the reward contract's arguments (see `rlxf.rewards.sources`)."""
+
+    def __call__(
+        self,
+        prompt_rows: Sequence[Mapping[str, Any]],
+        response_ids: Sequence[Sequence[int]],
+        texts: Sequence[str],
+        tokenizer: Any,
+    ) -> RewardOutput: ...
 
 
 def _empty_rows(mask: Tensor) -> list[int]:
@@ -197,3 +213,96 @@ def load_callable(spec: str) -> Callable:
     if not callable(obj):
         raise TypeError(f"{spec!r} is a {type(obj).__name__}, not a callable")
     return obj
+
+
+# ---- the contract for sampled responses: masks, character offsets, checks -------------------------------------------
+
+
+def response_mask(response_ids: Sequence[Sequence[int]]) -> Tensor:
+    """(B, T) bool, True on the first len(response_ids[b]) columns of row b; T = the longest response."""
+    lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.long)  # (B,)
+    t = int(lengths.max()) if len(lengths) else 0
+    return torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
+
+
+def check_batch(prompt_rows: Sequence[Any], response_ids: Sequence[Any], texts: Sequence[Any]) -> None:
+    if not (len(prompt_rows) == len(response_ids) == len(texts)):
+        raise ValueError(
+            f"a reward source needs one prompt row, id list and text per response; got {len(prompt_rows)} rows, "
+            f"{len(response_ids)} id lists and {len(texts)} texts"
+        )
+    empty = [b for b, r in enumerate(response_ids) if len(r) == 0]
+    if empty:
+        raise ValueError(f"responses {empty} have no token, so their reward has no token to go on")
+
+
+def scalar_rewards(scores: Sequence[float] | Tensor, response_ids: Sequence[Sequence[int]]) -> RewardOutput:
+    """B scores -> the contract: each score on its response's last token."""
+    return scalar_to_token_rewards(torch.as_tensor(scores, dtype=torch.float32), response_mask(response_ids))
+
+
+def token_char_offsets(response_ids: Sequence[int], text: str, tokenizer: Any) -> list[tuple[int, int]]:
+    """Character offsets in `text` of each response token, found by decoding growing prefixes of the ids.
+
+    Re-encoding the text with `return_offsets_mapping` is not used: a sampled id sequence need not be the tokenizer's
+    own segmentation of its text (the policy may spell "red" as "r"+"ed"), so the re-encoded tokens would not be the
+    response tokens. Here token i covers [len(decode(ids[:i])), len(decode(ids[:i+1]))), with decode the one that made
+    `text` (`skip_special_tokens=True`), so EOS and other special tokens get an empty span and never match a reward
+    span. A token that ends inside a multi-byte character (its prefix decodes to a prefix of `text` followed by U+FFFD)
+    covers the complete characters it ends, and the token that completes the character covers that character, so a
+    token such as ". " + the first byte of "…" still ends its sentence. O(n) decodes per response.
+
+    Raises ValueError if the ids do not decode to `text`.
+    """
+    full = tokenizer.decode(list(response_ids), skip_special_tokens=True)
+    if full != text:
+        raise ValueError(
+            f"response ids decode to {full!r}, not to the text {text!r}; pass the texts decoded from these ids "
+            "(skip_special_tokens=True)"
+        )
+    offsets, prev = [], 0
+    for i in range(len(response_ids)):
+        prefix = tokenizer.decode(list(response_ids[: i + 1]), skip_special_tokens=True)
+        if not text.startswith(prefix):
+            # The prefix ends inside a multi-byte character, which decodes to U+FFFD: the token covers the complete
+            # characters before it, and the token that completes the character covers the character.
+            prefix = prefix.rstrip("\ufffd")
+        end = len(prefix) if text.startswith(prefix) and len(prefix) >= prev else prev
+        offsets.append((prev, end))
+        prev = end
+    return offsets
+
+
+def span_rewards(
+    spans: Sequence[Sequence[tuple[int, int, float]]],
+    response_ids: Sequence[Sequence[int]],
+    texts: Sequence[str],
+    tokenizer: Any,
+) -> RewardOutput:
+    """Per-response character spans -> the contract, through `token_char_offsets` and `spans_to_token_rewards`."""
+    mask = response_mask(response_ids)
+    rows = [
+        spans_to_token_rewards([tuple(s) for s in row_spans], token_char_offsets(ids, text, tokenizer), len(ids))
+        for row_spans, ids, text in zip(spans, response_ids, texts)
+    ]
+    return list_to_token_rewards(rows, mask)
+
+
+def prompt_ids_of(row: Mapping[str, Any], tokenizer: Any) -> list[int]:
+    """The ids a scoring model reads before the response: the row's `prompt_ids` when present, else BOS + the
+    encoded prompt text (string prompts only)."""
+    if "prompt_ids" in row:
+        return list(row["prompt_ids"])
+    if not isinstance(row["prompt"], str):
+        raise ValueError("conversational prompt rows need `prompt_ids` (encode them with encode_prompts)")
+    ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
+def check_same_vocab(own_tokenizer: Any, tokenizer: Any, what: str) -> None:
+    if own_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"{what} has another tokenizer than the policy; train it from the policy's tokenizer (e.g. from the SFT "
+            "model)"
+        )

@@ -1,4 +1,4 @@
-"""Direct RLAIF (d-RLAIF, Lee et al. 2023 §2.4 of v2; spec rlaif.md §2.7): the LLM scores every rollout from 1 to 10
+"""Direct RLAIF (d-RLAIF, Lee et al. 2023 §2.4 of v2; docs/methods/rlaif.md §2.7): the LLM scores every rollout from 1 to 10
 and the expected score is the reward, with no reward model in between.
 
 For each response:
@@ -34,7 +34,7 @@ from rlxf.backends import Backend, Prompt, TopK, build_backend, parse_backend_sp
 from rlxf.backends.cache import JudgementCache, cached_requests
 from rlxf.feedback.label_math import direct_reward, expected_score, label_variants, split_ten
 from rlxf.feedback.prompts import build_direct_score_prompt, format_tldr_context
-from rlxf.rewards.sources import RewardOutput, _check_batch, _scalar_rewards
+from rlxf.rewards.contract import RewardOutput, check_batch, scalar_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ _TRAILING = re.compile(r"([.!?,;:…])\1+$")
 
 def strip_trailing(text: str) -> str:
     """Trailing whitespace removed and a repeated final punctuation mark collapsed to one ("Good!!! " -> "Good!"):
-    the reward hack the paper saw in RL summaries (spec §6), normalised before scoring."""
+    the reward hack the paper saw in RL summaries (docs/methods/rlaif.md §6), normalised before scoring."""
     return _TRAILING.sub(r"\1", text.rstrip())
 
 
@@ -60,7 +60,7 @@ def _variants_logprob(top: Mapping[str, float], label: str, bare_only: bool = Fa
 def score_logprobs(
     tops: Sequence[TopK], tops_after_one: Sequence[TopK | None], scale: str, ten_is_token: bool | None
 ) -> Tensor:
-    """(B, 10) log-probs of the scores in increasing order from top-k maps (spec §2.7 steps 2 and 4).
+    """(B, 10) log-probs of the scores in increasing order from top-k maps (docs/methods/rlaif.md §2.7 steps 2 and 4).
 
     Args:
         tops: B maps after "SCORE:".
@@ -100,8 +100,6 @@ class DirectScoreSource:
     `last_scores` holds the expected scores of the latest call (NaN = no score token or too long: reward 0), for
     logging.
     """
-
-    world = None
 
     def __init__(
         self,
@@ -180,7 +178,7 @@ class DirectScoreSource:
         return expected_score(logp, self.scale)  # (B,)
 
     def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
-        _check_batch(prompt_rows, response_ids, texts)
+        check_batch(prompt_rows, response_ids, texts)
         scores = self.score([_context(r) for r in prompt_rows], list(texts))  # (B,)
         self.last_scores = scores
         invalid = torch.isnan(scores)
@@ -190,4 +188,4 @@ class DirectScoreSource:
                 "d-RLAIF: %d of %d responses got no score; their reward is 0", int(invalid.sum()), len(texts)
             )
         rewards = direct_reward(scores, self.scale).nan_to_num(0.0)  # (B,)
-        return _scalar_rewards(rewards, response_ids)
+        return scalar_rewards(rewards, response_ids)

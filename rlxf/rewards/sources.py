@@ -19,7 +19,7 @@ Sources:
 - `WeightedSum([(w, source), ...])`: Σ w_i · rewards_i.
 `build_reward_source("0.5*rm:DIR+factworld:DIR:token")` builds them from a config string.
 
-Token alignment (spec adaptive_segment_reward.md §2.1): every source puts the reward FOR response token y_t in column
+Token alignment (docs/methods/adaptive_segment_reward.md §2.1): every source puts the reward FOR response token y_t in column
 t, the column of log π(y_t | x, y_<t): `rm:DIR:token` gives v_t − v_(t−1) with v_t the head after reading y_t,
 `dpo:DIR` the log-ratio of y_t itself, `factworld:DIR:token` a fact's reward on the last token of its value.
 
@@ -31,123 +31,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
 
 from rlxf.data.tokenize import pad
+from rlxf.hf import default_device, load_tokenizer
 from rlxf.rewards.contract import (
+    RewardOutput,
+    RewardSource,
+    check_batch,
+    check_same_vocab,
     combine_rewards,
     list_to_token_rewards,
     load_callable,
+    prompt_ids_of,
+    response_mask,
+    scalar_rewards,
     scalar_to_token_rewards,
+    span_rewards,
     spans_to_token_rewards,
+    token_char_offsets,
 )
 
 logger = logging.getLogger(__name__)
-
-RewardOutput = tuple[Tensor, Tensor]
-
-
-class RewardSource(Protocol):
-    """Anything callable with the reward contract's arguments; `world` is the FactWorld it knows, if any (the
-    trainer then logs the gold score too)."""
-
-    world: Any
-
-    def __call__(
-        self,
-        prompt_rows: Sequence[Mapping[str, Any]],
-        response_ids: Sequence[Sequence[int]],
-        texts: Sequence[str],
-        tokenizer: Any,
-    ) -> RewardOutput: ...
-
-
-def response_mask(response_ids: Sequence[Sequence[int]]) -> Tensor:
-    """(B, T) bool, True on the first len(response_ids[b]) columns of row b; T = the longest response."""
-    lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.long)  # (B,)
-    t = int(lengths.max()) if len(lengths) else 0
-    return torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
-
-
-def _check_batch(prompt_rows: Sequence[Any], response_ids: Sequence[Any], texts: Sequence[Any]) -> None:
-    if not (len(prompt_rows) == len(response_ids) == len(texts)):
-        raise ValueError(
-            f"a reward source needs one prompt row, id list and text per response; got {len(prompt_rows)} rows, "
-            f"{len(response_ids)} id lists and {len(texts)} texts"
-        )
-    empty = [b for b, r in enumerate(response_ids) if len(r) == 0]
-    if empty:
-        raise ValueError(f"responses {empty} have no token, so their reward has no token to go on")
-
-
-def _scalar_rewards(scores: Sequence[float] | Tensor, response_ids: Sequence[Sequence[int]]) -> RewardOutput:
-    """B scores -> the contract: each score on its response's last token."""
-    return scalar_to_token_rewards(torch.as_tensor(scores, dtype=torch.float32), response_mask(response_ids))
-
-
-def token_char_offsets(response_ids: Sequence[int], text: str, tokenizer: Any) -> list[tuple[int, int]]:
-    """Character offsets in `text` of each response token, found by decoding growing prefixes of the ids.
-
-    Re-encoding the text with `return_offsets_mapping` is not used: a sampled id sequence need not be the tokenizer's
-    own segmentation of its text (the policy may spell "red" as "r"+"ed"), so the re-encoded tokens would not be the
-    response tokens. Here token i covers [len(decode(ids[:i])), len(decode(ids[:i+1]))), with decode the one that made
-    `text` (`skip_special_tokens=True`), so EOS and other special tokens get an empty span and never match a reward
-    span. A token that ends inside a multi-byte character (its prefix does not decode to a prefix of `text`) gets an
-    empty span; the token that completes the character covers it. O(n) decodes per response.
-
-    Raises ValueError if the ids do not decode to `text`.
-    """
-    full = tokenizer.decode(list(response_ids), skip_special_tokens=True)
-    if full != text:
-        raise ValueError(
-            f"response ids decode to {full!r}, not to the text {text!r}; pass the texts decoded from these ids "
-            "(skip_special_tokens=True)"
-        )
-    offsets, prev = [], 0
-    for i in range(len(response_ids)):
-        prefix = tokenizer.decode(list(response_ids[: i + 1]), skip_special_tokens=True)
-        end = len(prefix) if text.startswith(prefix) and len(prefix) >= prev else prev
-        offsets.append((prev, end))
-        prev = end
-    return offsets
-
-
-def _spans_rewards(
-    spans: Sequence[Sequence[tuple[int, int, float]]],
-    response_ids: Sequence[Sequence[int]],
-    texts: Sequence[str],
-    tokenizer: Any,
-) -> RewardOutput:
-    """Per-response character spans -> the contract, through `token_char_offsets` and `spans_to_token_rewards`."""
-    mask = response_mask(response_ids)
-    rows = [
-        spans_to_token_rewards([tuple(s) for s in row_spans], token_char_offsets(ids, text, tokenizer), len(ids))
-        for row_spans, ids, text in zip(spans, response_ids, texts)
-    ]
-    return list_to_token_rewards(rows, mask)
-
-
-def prompt_ids_of(row: Mapping[str, Any], tokenizer: Any) -> list[int]:
-    """The ids a scoring model reads before the response: the row's `prompt_ids` when present, else BOS + the
-    encoded prompt text (string prompts only)."""
-    if "prompt_ids" in row:
-        return list(row["prompt_ids"])
-    if not isinstance(row["prompt"], str):
-        raise ValueError("conversational prompt rows need `prompt_ids` (encode them with encode_prompts)")
-    ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
-
-
-def _check_same_vocab(own_tokenizer: Any, tokenizer: Any, what: str) -> None:
-    if own_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            f"{what} has another tokenizer than the policy; train it from the policy's tokenizer (e.g. from the SFT "
-            "model)"
-        )
 
 
 class RewardModelSource:
@@ -163,8 +70,6 @@ class RewardModelSource:
     leave-one-out baseline cancels, since the K samples of a prompt share it).
     """
 
-    world = None
-
     def __init__(
         self,
         rm_dir: str | Path,
@@ -172,13 +77,12 @@ class RewardModelSource:
         device: str | torch.device | None = None,
         batch_size: int = 32,
     ):
-        from rlxf.hf import load_tokenizer
         from rlxf.models.reward_model import RewardModel
 
         self.rm_dir = str(rm_dir)
         self.per_token = per_token
         self.batch_size = batch_size
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.model = RewardModel.from_pretrained(rm_dir).to(self.device).eval()
         self.model.requires_grad_(False)
         self.rm_tokenizer = load_tokenizer(rm_dir)
@@ -189,7 +93,7 @@ class RewardModelSource:
 
     @torch.no_grad()
     def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
-        _check_batch(prompt_rows, response_ids, texts)
+        check_batch(prompt_rows, response_ids, texts)
         if not self._checked_tokenizer:
             if self.rm_tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise ValueError(
@@ -216,7 +120,7 @@ class RewardModelSource:
 
 
 DPO_DEFAULT_BETA = 0.1
-"""β of `dpo:DIR` when neither the spec nor the DPO run's config.json gives one (spec §2.2 (b))."""
+"""β of `dpo:DIR` when neither the spec nor the DPO run's config.json gives one (docs/methods/adaptive_segment_reward.md §2.2 (b))."""
 
 
 def _dpo_run_config(dpo_dir: Path) -> tuple[dict[str, Any], Path | None]:
@@ -238,7 +142,7 @@ class DPOImplicitRewardSource:
 
     DPO's implicit reward of a sequence is β·log π_dpo(y|x)/π_ref(y|x) (Rafailov et al. 2023, eq. 5); its per-token
     terms are the token-level rewards of Rafailov et al. 2024, "From r to Q*" (arXiv 2404.12358, §4), and source (b)
-    of rlxf-ASR (spec adaptive_segment_reward.md §2.2). They sum to the sequence's implicit reward. Column t is token
+    of rlxf-ASR (docs/methods/adaptive_segment_reward.md §2.2). They sum to the sequence's implicit reward. Column t is token
     y_t (the reward contract).
 
     `ref_dir` and `beta` default to the DPO run that wrote `dpo_dir`: `rlxf dpo` saves the model in OUT/final and its
@@ -246,8 +150,6 @@ class DPOImplicitRewardSource:
     0.1 (`DPO_DEFAULT_BETA`) and `ref_dir` must be given. Both models read the prompt's ids (`prompt_ids` of the row,
     else BOS + the encoded prompt text) followed by the response ids, so they must share the policy's tokenizer.
     """
-
-    world = None
 
     def __init__(
         self,
@@ -258,8 +160,6 @@ class DPOImplicitRewardSource:
         batch_size: int = 32,
     ):
         from transformers import AutoModelForCausalLM
-
-        from rlxf.hf import load_tokenizer
 
         self.dpo_dir = Path(dpo_dir)
         if not self.dpo_dir.is_dir():
@@ -288,7 +188,7 @@ class DPOImplicitRewardSource:
             raise ValueError(f"the β of dpo:{dpo_dir} must be > 0, got {beta}")
         self.beta = beta
         self.batch_size = batch_size
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.policy = AutoModelForCausalLM.from_pretrained(self.dpo_dir).to(self.device).eval()
         self.ref = AutoModelForCausalLM.from_pretrained(self.ref_dir).to(self.device).eval()
         self.policy.requires_grad_(False)
@@ -301,9 +201,9 @@ class DPOImplicitRewardSource:
     def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
         from rlxf.logprobs import token_logprobs
 
-        _check_batch(prompt_rows, response_ids, texts)
+        check_batch(prompt_rows, response_ids, texts)
         if not self._checked_tokenizer:
-            _check_same_vocab(self.own_tokenizer, tokenizer, f"the DPO model {self.dpo_dir}")
+            check_same_vocab(self.own_tokenizer, tokenizer, f"the DPO model {self.dpo_dir}")
             self._checked_tokenizer = True
         mask = response_mask(response_ids)  # (B, T)
         rewards = torch.zeros(mask.shape, dtype=torch.float32)
@@ -343,18 +243,18 @@ class FactWorldGoldSource:
 
         if level not in ("sequence", "token"):
             raise ValueError(f"FactWorld reward level must be 'sequence' or 'token', got {level!r}")
-        self.world = load_factworld(world_dir)
+        self.factworld = load_factworld(world_dir)
         self.level = level
         self.missing_on_last = missing_on_last
 
     def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
         from rlxf.worlds.factworld import MISSING_PENALTY
 
-        _check_batch(prompt_rows, response_ids, texts)
-        golds = [self.world.score(row, text) for row, text in zip(prompt_rows, texts)]
+        check_batch(prompt_rows, response_ids, texts)
+        golds = [self.factworld.score(row, text) for row, text in zip(prompt_rows, texts)]
         if self.level == "sequence":
-            return _scalar_rewards([g.score for g in golds], response_ids)
-        rewards, mask = _spans_rewards([g.spans for g in golds], response_ids, texts, tokenizer)
+            return scalar_rewards([g.score for g in golds], response_ids)
+        rewards, mask = span_rewards([g.spans for g in golds], response_ids, texts, tokenizer)
         if self.missing_on_last:
             missing = torch.tensor([-MISSING_PENALTY * g.n_missing for g in golds], dtype=torch.float32)
             rewards = rewards + scalar_to_token_rewards(missing, mask)[0]
@@ -376,14 +276,12 @@ class CallableSource:
     Items of one batch may mix these forms.
     """
 
-    world = None
-
     def __init__(self, spec: str | Callable[..., Sequence[Any]]):
         self.fn = load_callable(spec) if isinstance(spec, str) else spec
         self.name = spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec))
 
     def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
-        _check_batch(prompt_rows, response_ids, texts)
+        check_batch(prompt_rows, response_ids, texts)
         items = list(self.fn(list(prompt_rows), list(texts)))
         if len(items) != len(texts):
             raise ValueError(f"reward function {self.name} returned {len(items)} items for {len(texts)} responses")
@@ -414,13 +312,12 @@ class CallableSource:
 
 
 class WeightedSum:
-    """Σ_i w_i · rewards_i of several sources (`combine_rewards`); `world` is the first child's world, if any."""
+    """Σ_i w_i · rewards_i of several sources (`combine_rewards`)."""
 
     def __init__(self, terms: Sequence[tuple[float, RewardSource]]):
         if not terms:
             raise ValueError("WeightedSum needs at least one (weight, source) pair")
         self.terms = list(terms)
-        self.world = next((s.world for _, s in self.terms if getattr(s, "world", None) is not None), None)
 
     def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
         outputs = [(w, s(prompt_rows, response_ids, texts, tokenizer)) for w, s in self.terms]
@@ -439,35 +336,41 @@ SPEC_HELP = (
 )
 
 
-def _build_term(term: str, device: str | torch.device | None) -> RewardSource:
-    kind, sep, rest = term.partition(":")
-    if not sep or not rest:
-        raise ValueError(f"reward term {term!r} has no 'KIND:ARGS'; {SPEC_HELP}")
-    if kind in ("rm", "factworld"):
-        path, level = rest, None
-        head, _, last = rest.rpartition(":")
-        if head and last in ("token", "sequence"):
-            path, level = head, last
-        if kind == "rm":
-            return RewardModelSource(path, per_token=level == "token", device=device)
-        return FactWorldGoldSource(path, level=level or "sequence")
-    if kind == "rlaif":  # d-RLAIF: an LLM's expected 1-10 score, mapped to [-1, 1]
-        from rlxf.rewards.rlaif import DirectScoreSource
-
-        return DirectScoreSource.from_spec(rest)
-    if kind == "callable":
-        return CallableSource(rest)
-    if kind == "dpo":
-        return _build_dpo(term, rest, device)
-    raise ValueError(
-        f"unknown reward kind {kind!r} in {term!r}; choose one of ['callable', 'dpo', 'factworld', 'rlaif', 'rm']"
-    )
+Device = str | torch.device | None
+RewardBuilder = Callable[[str, str, Device], RewardSource]
+"""builder(args, term, device): `args` is what follows 'KIND:' in the term, `term` the whole term (for errors)."""
 
 
-def _build_dpo(term: str, rest: str, device: str | torch.device | None) -> DPOImplicitRewardSource:
+def _split_level(args: str) -> tuple[str, str | None]:
+    """'DIR' or 'DIR:token' / 'DIR:sequence' -> (DIR, level or None)."""
+    head, _, last = args.rpartition(":")
+    return (head, last) if head and last in ("token", "sequence") else (args, None)
+
+
+def _build_rm(args: str, term: str, device: Device) -> RewardSource:
+    path, level = _split_level(args)
+    return RewardModelSource(path, per_token=level == "token", device=device)
+
+
+def _build_factworld(args: str, term: str, device: Device) -> RewardSource:
+    path, level = _split_level(args)
+    return FactWorldGoldSource(path, level=level or "sequence")
+
+
+def _build_rlaif(args: str, term: str, device: Device) -> RewardSource:
+    from rlxf.rewards.rlaif import DirectScoreSource  # d-RLAIF: an LLM's expected 1-10 score, mapped to [-1, 1]
+
+    return DirectScoreSource.from_spec(args)
+
+
+def _build_callable(args: str, term: str, device: Device) -> RewardSource:
+    return CallableSource(args)
+
+
+def _build_dpo(args: str, term: str, device: Device) -> RewardSource:
     """'dpo:DIR[:REF_DIR][:beta=B]' -> DPOImplicitRewardSource."""
     paths, beta = [], None
-    for part in rest.split(":"):
+    for part in args.split(":"):
         if part.startswith("beta="):
             try:
                 beta = float(part[len("beta=") :])
@@ -478,6 +381,32 @@ def _build_dpo(term: str, rest: str, device: str | torch.device | None) -> DPOIm
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"reward term {term!r}: expected 'dpo:DIR[:REF_DIR][:beta=B]'; {SPEC_HELP}")
     return DPOImplicitRewardSource(paths[0], paths[1] if len(paths) == 2 else None, beta=beta, device=device)
+
+
+REWARD_KINDS: dict[str, RewardBuilder] = {
+    "callable": _build_callable,
+    "dpo": _build_dpo,
+    "factworld": _build_factworld,
+    "rlaif": _build_rlaif,
+    "rm": _build_rm,
+}
+"""The kinds a reward spec may name; `register_reward_kind` adds one."""
+
+
+def register_reward_kind(kind: str, builder: RewardBuilder) -> None:
+    """Make 'KIND:ARGS' terms build `builder(args, term, device)` (a new reward model family, a user's source)."""
+    if not kind.isidentifier():
+        raise ValueError(f"a reward kind must be an identifier, got {kind!r}")
+    REWARD_KINDS[kind] = builder
+
+
+def _build_term(term: str, device: Device) -> RewardSource:
+    kind, sep, args = term.partition(":")
+    if not sep or not args:
+        raise ValueError(f"reward term {term!r} has no 'KIND:ARGS'; {SPEC_HELP}")
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"unknown reward kind {kind!r} in {term!r}; choose one of {sorted(REWARD_KINDS)}")
+    return REWARD_KINDS[kind](args, term, device)
 
 
 def build_reward_source(spec: str, device: str | torch.device | None = None) -> RewardSource:

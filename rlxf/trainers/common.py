@@ -1,4 +1,5 @@
-"""Small pieces every stage needs: loading a tokenizer, picking a device dtype, reporting the run."""
+"""Small pieces the trainers share: reading and tokenizing a data file, the micro-batch of prompts of the RL trainers,
+the gold world whose score they log."""
 
 from __future__ import annotations
 
@@ -36,3 +37,12 @@ def load_encoded(
 def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The engine's micro-batch of prompts: the rows themselves (rollouts are built from them)."""
     return {"rows": rows, "num_units": len(rows)}
+
+
+def load_gold_world(path: str) -> Any:
+    """The FactWorld of `--gold_world` (its gold score of the rollouts is logged, never trained on), or None."""
+    if not path:
+        return None
+    from rlxf.worlds.factworld import load_factworld
+
+    return load_factworld(path)

@@ -3,7 +3,7 @@
 Chosen and rejected sequences go through the policy in one forward pass (2B rows, chosen first). The reference
 model's log-probs are computed once before training and cached (default), or recomputed every step ("live").
 
-Masked DPO ("ADPO", rlxf-ASR, arXiv:2411.00809; spec adaptive_segment_reward.md §2.6). With `credit.granularity`
+Masked DPO ("ADPO", rlxf-ASR, arXiv:2411.00809; docs/methods/adaptive_segment_reward.md §2.6). With `credit.granularity`
 other than 'sequence', token rewards from `credit.token_reward` are computed once per pair before training, and each
 response gets a keep-mask: chosen (label +1) keeps its tokens whose segment reward is > 0, rejected (label −1) those
 whose segment reward is < 0 (`rlxf.credit.agreement_mask`). The masks are stored in the rows; the loss sums the
@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from rlxf.credit.segments import CreditConfig, weighted_sequence_logprobs
+from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_preferences
-from rlxf.data.packing import check_packing_supported, pack_pairs, packed_sequence_logprobs
+from rlxf.data.packing import check_packing_supported, pack_pairs
 from rlxf.data.tokenize import encode_preferences, pad
 from rlxf.engine import Engine, TrainConfig
 from rlxf.hf import load_tokenizer
-from rlxf.logprobs import sequence_logprobs, shift_for_next_token
+from rlxf.logprobs import packed_sequence_logprobs, sequence_logprobs, shift_for_next_token, weighted_sequence_logprobs
 from rlxf.losses import dpo_loss
 
 logger = logging.getLogger(__name__)
@@ -131,18 +131,6 @@ def collate_dpo(rows: list[dict[str, Any]], pad_id: int, use_label_prob: bool, p
     return batch
 
 
-def packed_weighted_logprobs(
-    logits: torch.Tensor, batch: dict[str, Any], num_sequences: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`packed_sequence_logprobs` with token weights: Σ_t w_t log π(y_t) and Σ_t w_t per sequence, (R, L, V) ->
-    (2B,), (2B,). With all weights 1 it is the same computation, so the same numbers bit for bit."""
-    picked = logits.flatten(0, 1)[batch["target_index"]].float()  # (R*L, V) -> (N, V)
-    logps = picked.gather(-1, batch["target_ids"][:, None]).squeeze(-1) - picked.logsumexp(-1)  # (N,)
-    w = batch["target_weight"]  # (N,)
-    sums = logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], logps * w)  # (2B,)
-    return sums, logps.new_zeros(num_sequences).index_add(0, batch["target_seq"], w)
-
-
 def response_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the response tokens (2B,) and the response token counts (2B,); with ASR token weights in
     the batch, the weighted sums Σ_t w_t log π(y_t) and the weight sums Σ_t w_t."""
@@ -150,7 +138,7 @@ def response_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch
         kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
         logits = model(**kwargs).logits  # (R, L, V)
         if "target_weight" in batch:
-            return packed_weighted_logprobs(logits, batch, 2 * batch["num_units"])
+            return packed_sequence_logprobs(logits, batch, 2 * batch["num_units"], batch["target_weight"])
         return packed_sequence_logprobs(logits, batch, 2 * batch["num_units"])  # (R, L, V) -> (2B,)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, L, V)
     logits, labels, mask = shift_for_next_token(logits, batch["input_ids"], batch["response_mask"])
@@ -238,9 +226,9 @@ def assign_pair_credit(
     `dropped_pairs`: both masks empty).
 
     Pairs are taken in blocks of `block` (file order); a block's 2·block responses (chosen label +1, rejected −1)
-    are scored by `source` in one call and share one τ (spec §2.4 step 2: chosen and rejected together).
+    are scored by `source` in one call and share one τ (docs/methods/adaptive_segment_reward.md §2.4 step 2: chosen and rejected together).
     """
-    from rlxf.credit.inspect import assign_credit, credit_counts
+    from rlxf.credit.assign import assign_credit, credit_counts
 
     totals: dict[str, float] = {"one_sided_pairs": 0.0, "dropped_pairs": 0.0}
     for start in range(0, len(rows), block):
@@ -290,7 +278,7 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     # ASR: token rewards and keep-masks, once per pair, before the reference log-probs (which use the masks).
     asr_metrics: dict[str, float] = {}
     if cfg.credit.granularity != "sequence":
-        from rlxf.credit.inspect import credit_metrics
+        from rlxf.credit.assign import credit_metrics
         from rlxf.rewards.sources import build_reward_source
 
         source = build_reward_source(cfg.credit.token_reward)

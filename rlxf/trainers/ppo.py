@@ -1,4 +1,4 @@
-"""PPO with per-token rewards, and REINFORCE with a learned value baseline.
+"""PPO with per-token rewards (REINFORCE with a learned value baseline is the same loop: `rlxf.trainers.reinforce`).
 
 PPO: Schulman et al. 2017 (arXiv 1707.06347) as used for language models by Ziegler et al. 2019 (arXiv 1909.08593)
 and Stiennon et al. 2020: per-token KL penalty to a frozen reference folded into the rewards, GAE over the response
@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from rlxf.credit.segments import CreditConfig, agreement_mask, step_boundaries
+from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
+from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
 from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, TrainConfig
@@ -61,8 +62,8 @@ from rlxf.rl import (
     token_rewards_with_kl,
     value_loss,
 )
-from rlxf.sampling import GenerationSettings, decode_samples, generate
-from rlxf.trainers.common import collate_prompts, load_encoded
+from rlxf.sampling import GenerationSettings, rollout_seed, sample_rollout
+from rlxf.trainers.common import collate_prompts, load_encoded, load_gold_world
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +130,7 @@ class PPOConfig:
     credit: CreditConfig = field(default_factory=CreditConfig)
     """Credit assignment: which response tokens the policy loss trains on (see `rlxf.credit`)."""
     gold_world: str = ""
-    """FactWorld directory whose gold score of the rollouts is logged (`rewards/gold`), never trained on; a
-    `factworld:` reward logs it anyway."""
+    """FactWorld directory whose gold score of the rollouts is logged (`rewards/gold`), never trained on."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
     train: TrainConfig = field(
@@ -145,20 +145,6 @@ class PPOConfig:
             raise ValueError(
                 f"k={self.k}, ppo_epochs={self.ppo_epochs}, num_minibatches={self.num_minibatches}: each must be >= 1"
             )
-
-
-@dataclass
-class ReinforceConfig(PPOConfig):
-    out: str = "runs/reinforce"
-    """Output directory: metrics, checkpoints, the final policy in `final/` and its critic in `final/value_model/`."""
-    advantage: Literal["gae", "reinforce"] = "reinforce"
-    """'reinforce': A_t = G_t − V(s_t), the critic as a learned baseline (RLAIF paper); 'gae' turns this into PPO."""
-    ppo_epochs: int = 1
-    """Passes over each rollout (1: on-policy REINFORCE; the ratio is then 1 and clipping never acts)."""
-    whiten_advantages: bool = False
-    """Normalise the rollout's advantages to mean 0 and variance 1 over its response tokens."""
-    value_clip_eps: float = float("inf")
-    """Value clip (inf: the baseline is fitted by plain regression)."""
 
 
 class ActorCritic(nn.Module):
@@ -249,34 +235,20 @@ def rollout(
     world: Any = None,
 ) -> dict[str, Any]:
     """Steps 2-4 for one micro-batch of prompts: per-response lists (ids, rewards, old log-probs, values, KL, ...)."""
-    policy = engine.unwrap().policy
-    # 2. sample k responses per prompt (samples of one prompt adjacent)
-    samples = generate(
-        policy,
-        [r["prompt_ids"] for r in rows],
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        n=cfg.k,
-        settings=cfg.generation,
-        seed=seed,
-    )
-    flat = [s for group in samples for s in group]
-    texts = [t for group in decode_samples(tokenizer, samples) for t in group]
-    prompt_rows = [row for row in rows for _ in range(cfg.k)]
-    prompt_ids = [r["prompt_ids"] for r in prompt_rows]
-    response_ids = [s.response_ids for s in flat]
-
-    # 3. token rewards through the reward contract, column t = response token t
-    rewards, _ = source(prompt_rows, response_ids, texts, tokenizer)  # (B, T)
+    # 2-3. sample k responses per prompt (samples of one prompt adjacent), token rewards through the reward
+    # contract (column t = response token t), the gold score when a world is known
+    r = sample_rollout(engine.unwrap().policy, rows, tokenizer, cfg.k, cfg.generation, seed, source=source, world=world)
+    prompt_ids, response_ids, texts = r.prompt_ids, r.response_ids, r.texts
+    rewards = r.rewards  # (B, T)
     scores = rewards.sum(-1)  # (B,) task score, no KL: the label of credit assignment
     if cfg.missing_eos_penalty:
-        for b, s in enumerate(flat):
-            if not s.finished:
-                rewards[b, len(s.response_ids) - 1] -= cfg.missing_eos_penalty
+        for b, finished in enumerate(r.finished):
+            if not finished:
+                rewards[b, len(response_ids[b]) - 1] -= cfg.missing_eos_penalty
     credit_rewards = None
     if cfg.credit.granularity != "sequence":
         credit_rewards = (
-            rewards if credit_source is None else credit_source(prompt_rows, response_ids, texts, tokenizer)[0]
+            rewards if credit_source is None else credit_source(r.prompt_rows, response_ids, texts, tokenizer)[0]
         )
 
     # 4. old log-probs and values from the model as it is trained (same precision, same code path), reference
@@ -301,13 +273,13 @@ def rollout(
         "response_ids": response_ids,
         "rewards": [rewards[b, : n[b]].float() for b in range(len(n))],
         "score": scores.tolist(),
-        "finished": [float(s.finished) for s in flat],
+        "finished": [float(f) for f in r.finished],
         "text": texts,
     }
     if credit_rewards is not None:
         out["credit_rewards"] = [credit_rewards[b, : n[b]].float() for b in range(len(n))]
-    if world is not None:
-        out["gold"] = [world.score(row, text).score for row, text in zip(prompt_rows, texts)]
+    if r.gold is not None:
+        out["gold"] = r.gold
     return out
 
 
@@ -332,8 +304,9 @@ def advantages_and_masks(
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
 
-    # 6. credit: label = sign of the sequence-level advantage of the task score (spec §2.5: group mean as the
-    # baseline when the prompt has several samples, the rollout mean otherwise)
+    # 6. credit: label = sign of the sequence-level advantage of the task score, through the one credit path
+    # (`rlxf.credit.assign`); the baseline is the group mean when the prompt has several samples, the rollout mean
+    # otherwise (docs/methods/adaptive_segment_reward.md §2.5)
     stats: dict[str, float] = {}
     keep = mask.clone()
     if cfg.credit.granularity != "sequence":
@@ -343,22 +316,12 @@ def advantages_and_masks(
         else:
             baseline = scores.mean().expand_as(scores)
         labels = torch.sign(scores - baseline)  # (N,) in {+1, 0, −1}
-        boundaries = None
-        if cfg.credit.granularity == "step":
-            texts = [[tokenizer.decode([t]) for t in ids] for ids in traj["response_ids"]]
-            boundaries = step_boundaries(texts)
-        token_rewards = pad_rows(traj["credit_rewards"], mask.shape[1])
-        keep = agreement_mask(
-            token_rewards, mask, labels, cfg.credit.granularity, boundaries=boundaries, **cfg.credit.options
-        )
-        frac = keep.sum(-1) / mask.sum(-1)  # (N,)
-        pos, neg = labels > 0, labels < 0
-        stats = {
-            "asr/kept_frac": float(keep.sum() / mask.sum()),
-            "asr/kept_frac_pos_adv": float(frac[pos].mean()) if pos.any() else 0.0,
-            "asr/kept_frac_neg_adv": float(frac[neg].mean()) if neg.any() else 0.0,
-            "asr/zero_label_frac": float((labels == 0).float().mean()),
-        }
+        rc = assign_credit(
+            cfg.credit, labels, traj["response_ids"], tokenizer,
+            token_rewards=pad_rows(traj["credit_rewards"], mask.shape[1]), texts=traj.get("text"),
+        )  # fmt: skip
+        keep = rc.keep
+        stats = credit_metrics(credit_counts(rc, labels))
     tensors = {
         "advantages": advantages,
         "returns": returns,
@@ -445,11 +408,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
         cfg.train, out, actor_critic, num_examples=len(rows), config_dict=asdict(cfg), param_groups=param_groups
     )
     source = build_reward_source(cfg.reward, device=engine.device)
-    world = getattr(source, "world", None)
-    if world is None and cfg.gold_world:
-        from rlxf.worlds.factworld import load_factworld
-
-        world = load_factworld(cfg.gold_world)
+    world = load_gold_world(cfg.gold_world)
     credit_source = build_reward_source(cfg.credit.token_reward, engine.device) if cfg.credit.token_reward else None
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
     ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model).to(engine.device).eval()
@@ -465,7 +424,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
         # 2-4. rollouts of this step's prompts, one per micro-batch, seeded by (seed, step, micro-batch, process)
         traj: dict[str, list] = {}
         for i, mb in enumerate(micro_batches):
-            seed = ((cfg.train.seed * 1_000_003 + engine.step) * 1_000 + i) * 100 + engine.rank
+            seed = rollout_seed(cfg.train.seed, engine.step, i, engine.rank)
             for key, values in rollout(
                 engine, ref, mb["rows"], tokenizer, source, credit_source, cfg, seed, world
             ).items():

@@ -2,7 +2,7 @@
 
 Best-of-N: sample N responses per prompt, keep the one with the highest reward and fine-tune on it with the NLL
 (Touvron et al. 2023, Llama 2, §3.2.3 "Rejection Sampling fine-tuning"; Dong et al. 2023, RAFT, arXiv 2304.06767).
-rlxf-ASR (arXiv:2411.00809; spec adaptive_segment_reward.md §2.6): the winner has label +1 and only its tokens whose
+rlxf-ASR (arXiv:2411.00809; docs/methods/adaptive_segment_reward.md §2.6): the winner has label +1 and only its tokens whose
 segment reward is positive are trained on, L = −(1/Σ w) Σ_t w_t log π_θ(y*_t | x, y*_<t).
 
 One optimiser step (online: the current policy samples, as RAFT iterates):
@@ -32,15 +32,16 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.credit.inspect import assign_credit, credit_counts, credit_metrics
-from rlxf.credit.segments import CreditConfig, weighted_sequence_logprobs
+from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
+from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
 from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, TrainConfig
 from rlxf.hf import load_tokenizer
+from rlxf.logprobs import weighted_sequence_logprobs
 from rlxf.rewards.sources import RewardSource, build_reward_source
-from rlxf.sampling import GenerationSettings, decode_samples, generate
-from rlxf.trainers.common import collate_prompts, load_encoded
+from rlxf.sampling import GenerationSettings, rollout_seed, sample_rollout
+from rlxf.trainers.common import collate_prompts, load_encoded, load_gold_world
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class RejectionSamplingConfig:
     """Which tokens of a winner are trained on: 'sequence' all of them (plain rejection sampling); 'token' / 'step' /
     'segment' those whose segment reward is positive (rlxf-ASR "ARJ"), from `credit.token_reward` or, when empty,
     the `reward` itself; τ comes from the token rewards of the step's winners."""
+    gold_world: str = ""
+    """FactWorld directory whose gold score of the winners is logged (`rewards/gold`), never trained on."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
     train: TrainConfig = field(
@@ -95,20 +98,9 @@ def sample_and_select(
 ) -> list[dict[str, Any]]:
     """Steps 2-3 for P prompts: one winner per prompt, a dict with `row`, `response_ids`, `text`, `score`, `scores`
     (all N), `sample_index`, `finished`, `token_rewards` (the winner's row of the reward contract) and `mean_score`."""
-    samples = generate(
-        policy,
-        [r["prompt_ids"] for r in rows],
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        n=cfg.n,
-        settings=cfg.generation,
-        seed=seed,
-    )
-    texts = [t for group in decode_samples(tokenizer, samples) for t in group]  # (P·N,)
-    flat = [s for group in samples for s in group]
-    prompt_rows = [row for row in rows for _ in range(cfg.n)]
-    rewards, _ = source(prompt_rows, [s.response_ids for s in flat], texts, tokenizer)  # (P·N, T)
-    scores = rewards.sum(-1).view(len(rows), cfg.n)  # (P, N)
+    r = sample_rollout(policy, rows, tokenizer, cfg.n, cfg.generation, seed, source=source)
+    rewards, texts = r.rewards, r.texts  # (P·N, T), (P·N,)
+    scores = r.scores.view(len(rows), cfg.n)  # (P, N)
     best = best_of_n(scores)  # (P,)
     winners = []
     for p, (row, j) in enumerate(zip(rows, best.tolist())):
@@ -116,14 +108,14 @@ def sample_and_select(
         winners.append(
             {
                 "row": row,
-                "response_ids": flat[i].response_ids,
+                "response_ids": r.response_ids[i],
                 "text": texts[i],
                 "score": float(scores[p, j]),
                 "scores": scores[p].tolist(),
                 "mean_score": float(scores[p].mean()),
                 "sample_index": j,
-                "finished": flat[i].finished,
-                "token_rewards": rewards[i, : len(flat[i].response_ids)],
+                "finished": r.finished[i],
+                "token_rewards": rewards[i, : len(r.response_ids[i])],
             }
         )
     return winners
@@ -180,7 +172,7 @@ def train_rejection_sampling(cfg: RejectionSamplingConfig, model: torch.nn.Modul
     credit_source = None
     if masked and cfg.credit.token_reward:
         credit_source = build_reward_source(cfg.credit.token_reward, device=engine.device)
-    world = getattr(source, "world", None)
+    world = load_gold_world(cfg.gold_world)
     pad_id = tokenizer.pad_token_id
 
     # The winners file, one line per winner; on resume lines written after the checkpoint are dropped.
@@ -194,7 +186,7 @@ def train_rejection_sampling(cfg: RejectionSamplingConfig, model: torch.nn.Modul
         # 1-3. sample N per prompt and keep the best, one sampling pass per micro-batch of prompts
         winners = []
         for i, mb in enumerate(micro_batches):
-            seed = ((cfg.train.seed * 1_000_003 + engine.step) * 1_000 + i) * 100 + engine.rank
+            seed = rollout_seed(cfg.train.seed, engine.step, i, engine.rank)
             winners += sample_and_select(engine.unwrap(), mb["rows"], tokenizer, source, cfg, seed)
 
         # 4. credit of the step's winners (label +1), one batch for τ

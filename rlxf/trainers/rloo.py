@@ -31,7 +31,8 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.credit.segments import CreditConfig, agreement_mask, step_boundaries
+from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
+from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
 from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, TrainConfig
@@ -39,8 +40,8 @@ from rlxf.hf import load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
 from rlxf.rewards.sources import RewardSource, build_reward_source
 from rlxf.rl import entropy_from_logits, masked_mean, rloo_advantages
-from rlxf.sampling import GenerationSettings, decode_samples, generate
-from rlxf.trainers.common import collate_prompts, load_encoded
+from rlxf.sampling import GenerationSettings, rollout_seed, sample_rollout
+from rlxf.trainers.common import collate_prompts, load_encoded, load_gold_world
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class RLOOConfig:
     response tokens (long responses weigh more per sequence, smaller gradients overall)."""
     credit: CreditConfig = field(default_factory=CreditConfig)
     """Credit assignment: which response tokens the policy-gradient loss trains on (see `rlxf.credit`)."""
+    gold_world: str = ""
+    """FactWorld directory whose gold score of the rollouts is logged (`rewards/gold`), never trained on."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
     train: TrainConfig = field(
@@ -117,100 +120,71 @@ def rollout(
     seed: int,
     device: torch.device,
     credit_source: RewardSource | None = None,
-) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """Steps 2-5 for P prompts: a training batch of B = P·K responses (right-padded prompt + response, advantages)
-    and per-response statistics for logging."""
-    # 2. sample K responses per prompt (samples of one prompt adjacent)
-    samples = generate(
-        policy,
-        [r["prompt_ids"] for r in rows],
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        n=cfg.k,
-        settings=cfg.generation,
-        seed=seed,
-        return_logprobs=True,  # log π(y_t) from the sampling pass: no separate no-grad forward of the policy
+    world: Any = None,
+) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, float]]:
+    """Steps 2-6 for P prompts: a training batch of B = P·K responses (right-padded prompt + response, advantages,
+    keep-mask), per-response statistics for logging, and the credit counts (`rlxf.credit.assign.credit_counts`)."""
+    # 2-3. sample K responses per prompt and score them: the score of a response is the sum of its token rewards.
+    # log π(y_t) comes from the sampling pass: no separate no-grad forward of the policy.
+    r = sample_rollout(
+        policy, rows, tokenizer, cfg.k, cfg.generation, seed, source=source, world=world, return_logprobs=True
     )
-    texts = [t for group in decode_samples(tokenizer, samples) for t in group]  # (B,)
-    flat = [s for group in samples for s in group]
-    prompt_rows = [row for row in rows for _ in range(cfg.k)]  # (B,) each prompt K times
-    response_ids = [s.response_ids for s in flat]
-
-    # 3. rewards through the reward contract; the score of a response is the sum of its token rewards
-    rewards, _ = source(prompt_rows, response_ids, texts, tokenizer)  # (B, T)
-    scores = rewards.sum(-1).to(device)  # (B,)
+    prompt_rows, response_ids = r.prompt_rows, r.response_ids
+    scores = r.scores.to(device)  # (B,)
 
     # 4. per-token k1 KL to the reference, subtracted from the score
-    seqs = [r["prompt_ids"] + ids for r, ids in zip(prompt_rows, response_ids)]
-    masks = [[0] * len(r["prompt_ids"]) + [1] * len(ids) for r, ids in zip(prompt_rows, response_ids)]
+    seqs = [p + ids for p, ids in zip(r.prompt_ids, response_ids)]
+    masks = [[0] * len(p) + [1] * len(ids) for p, ids in zip(r.prompt_ids, response_ids)]
     input_ids, attention_mask = pad(seqs, tokenizer.pad_token_id, side="right")  # (B, L)
     response_mask, _ = pad(masks, 0, side="right")  # (B, L)
+    first = min(len(p) for p in r.prompt_ids)
     batch = {
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
         "response_mask": response_mask.to(device),
-        "first_response_position": min(len(r["prompt_ids"]) for r in prompt_rows),
+        "first_response_position": first,
     }
     ref_logps, mask, _ = policy_token_logprobs(ref, batch)  # (B, T')
     # k1 summed over the response: Σ_t (log π − log π_ref) = Σ_t log π (sampling pass) − Σ_t log π_ref
-    policy_logp = torch.tensor([sum(s.logprobs) for s in flat], dtype=ref_logps.dtype, device=device)  # (B,)
+    policy_logp = torch.tensor([sum(lp) for lp in r.logprobs], dtype=ref_logps.dtype, device=device)  # (B,)
     kl = policy_logp - torch.where(mask, ref_logps, 0).sum(-1)  # (B,) Σ_t KL_t
     rlhf_scores = scores - cfg.kl_coef * kl  # (B,)
 
     # 5. leave-one-out advantages within each prompt's K samples
     advantages = rloo_advantages(rlhf_scores.view(-1, cfg.k)).flatten()  # (P, K) -> (B,)
 
-    # 6. credit: keep the tokens whose reward agrees with the sign of the task-score advantage (no KL, spec §2.5)
-    keep = mask
-    stats_credit: dict[str, list[float]] = {}
+    # 6. credit: keep the tokens whose reward agrees with the sign of the task-score advantage, without the KL
+    # (docs/methods/adaptive_segment_reward.md §2.5), through the one credit path; its (B, T) response-aligned
+    # keep-mask is placed at the response columns of this batch, p_b − first + t.
+    keep, counts = mask, {}
     if cfg.credit.granularity != "sequence":
         labels = torch.sign(rloo_advantages(scores.view(-1, cfg.k)).flatten())  # (B,)
-        token_rewards = rewards
+        token_rewards = r.rewards
         if credit_source is not None:
-            token_rewards, _ = credit_source(prompt_rows, response_ids, texts, tokenizer)
-        response_cols = torch.zeros_like(mask)  # (B, T') the response tokens sit at columns p_b − first + t
-        aligned = torch.zeros(mask.shape, dtype=torch.float32, device=device)
-        boundaries = None
-        if cfg.credit.granularity == "step":
-            boundaries = torch.zeros_like(mask)
-            ends = step_boundaries([[tokenizer.decode([t]) for t in ids] for ids in response_ids]).to(device)
-        first = batch["first_response_position"]
-        for b, (row, ids) in enumerate(zip(prompt_rows, response_ids)):
-            start = len(row["prompt_ids"]) - first
-            response_cols[b, start : start + len(ids)] = True
-            aligned[b, start : start + len(ids)] = token_rewards[b, : len(ids)].to(device)
-            if boundaries is not None:
-                boundaries[b, start : start + len(ids)] = ends[b, : len(ids)]
-        keep = agreement_mask(
-            aligned, response_cols, labels.to(device), cfg.credit.granularity, boundaries=boundaries,
-            **cfg.credit.options,
-        )  # fmt: skip
-        frac = (keep.sum(-1) / response_cols.sum(-1)).tolist()
-        stats_credit = {
-            "kept_frac_pos_adv": [f for f, label in zip(frac, labels.tolist()) if label > 0],
-            "kept_frac_neg_adv": [f for f, label in zip(frac, labels.tolist()) if label < 0],
-            "kept_frac": frac,
-        }
+            token_rewards, _ = credit_source(prompt_rows, response_ids, r.texts, tokenizer)
+        rc = assign_credit(cfg.credit, labels, response_ids, tokenizer, token_rewards=token_rewards, texts=r.texts)
+        keep = torch.zeros_like(mask)
+        for b, (p, ids) in enumerate(zip(r.prompt_ids, response_ids)):
+            start = len(p) - first
+            keep[b, start : start + len(ids)] = rc.keep[b, : len(ids)].to(device)
+        counts = credit_counts(rc, labels)
 
-    num_tokens = int(attention_mask.sum())
     batch |= {
         "keep": keep,
         "advantages": advantages,
-        "num_units": len(flat) if cfg.loss_units == "sequence" else int(keep.sum()),
-        "num_tokens": num_tokens,
+        "num_units": len(response_ids) if cfg.loss_units == "sequence" else int(keep.sum()),
+        "num_tokens": int(attention_mask.sum()),
     }
     stats = {
         "score": scores.tolist(),
         "kl": kl.tolist(),
         "rlhf_reward": rlhf_scores.tolist(),
         "length": [float(len(ids)) for ids in response_ids],
-        "finished": [float(s.finished) for s in flat],
-        **stats_credit,
+        "finished": [float(f) for f in r.finished],
     }
-    world = getattr(source, "world", None)
-    if world is not None:
-        stats["gold"] = [world.score(row, text).score for row, text in zip(prompt_rows, texts)]
-    return batch, stats
+    if r.gold is not None:
+        stats["gold"] = r.gold
+    return batch, stats, counts
 
 
 def rloo_loss(
@@ -245,6 +219,7 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
     policy = engine.model
     source = build_reward_source(cfg.reward, device=engine.device)
     credit_source = build_reward_source(cfg.credit.token_reward, engine.device) if cfg.credit.token_reward else None
+    world = load_gold_world(cfg.gold_world)
 
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
     ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model).to(engine.device).eval()
@@ -252,15 +227,17 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
 
     for micro_batches in engine.steps(rows, collate_prompts):
         # 1-5. rollouts of this step's prompts, one per micro-batch, seeded by (seed, step, micro-batch, process)
-        batches, stats = [], {}
+        batches, stats, credit_totals = [], {}, {}
         for i, mb in enumerate(micro_batches):
-            seed = ((cfg.train.seed * 1_000_003 + engine.step) * 1_000 + i) * 100 + engine.rank
-            batch, mb_stats = rollout(
-                engine.unwrap(), ref, mb["rows"], tokenizer, source, cfg, seed, engine.device, credit_source
+            seed = rollout_seed(cfg.train.seed, engine.step, i, engine.rank)
+            batch, mb_stats, counts = rollout(
+                engine.unwrap(), ref, mb["rows"], tokenizer, source, cfg, seed, engine.device, credit_source, world
             )
             batches.append(batch)
             for key, values in mb_stats.items():
                 stats.setdefault(key, []).extend(values)
+            for key, value in counts.items():
+                credit_totals[key] = credit_totals.get(key, 0.0) + value
         # 6. one policy-gradient update on the whole rollout
         logged = engine.train_step(batches, lambda batch: rloo_loss(policy, batch, cfg.loss_units))
         if logged:  # the engine logs every `log_every` steps; the rollout statistics go with it (this process's)
@@ -276,9 +253,7 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
             }
             if "gold" in mean:
                 rollout_metrics["rewards/gold"] = mean["gold"]
-            for key in ("kept_frac", "kept_frac_pos_adv", "kept_frac_neg_adv"):
-                if key in mean:
-                    rollout_metrics[f"asr/{key}"] = mean[key]
+            rollout_metrics |= credit_metrics(credit_totals)
             engine.log(rollout_metrics)
 
     if engine.finished:

@@ -12,19 +12,16 @@ import sys
 import pytest
 import torch
 
+from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics, token_texts
 from rlxf.credit.inspect import (
     SegmentQualityConfig,
     ShowSegmentsConfig,
-    assign_credit,
-    credit_counts,
-    credit_metrics,
     match_negative_segments,
     overlaps,
     precision_recall,
     run_segment_quality,
     run_show_segments,
     segment_char_spans,
-    token_texts,
     visible,
 )
 from rlxf.credit.segments import CreditConfig, agreement_mask, segment
@@ -104,8 +101,8 @@ def test_assign_credit_matches_the_pure_functions(bpe):
     counts = credit_counts(rc, labels)
     metrics = credit_metrics(counts)
     kept_pos = int(rc.keep[0].sum() + rc.keep[2].sum())
-    assert metrics["asr/kept_frac_chosen"] == kept_pos / (len(ids[0]) + len(ids[2]))
-    assert metrics["asr/kept_frac_rejected"] == int(rc.keep[1].sum()) / len(ids[1])
+    assert metrics["asr/kept_frac_pos"] == kept_pos / (len(ids[0]) + len(ids[2]))
+    assert metrics["asr/kept_frac_neg"] == int(rc.keep[1].sum()) / len(ids[1])
     n_segments = sum(len(s) for s in rc.segments)
     assert metrics["asr/segments_per_seq"] == n_segments / 3
     assert metrics["asr/mean_segment_len"] == sum(map(len, ids)) / n_segments
