@@ -118,7 +118,15 @@ class TrainConfig:
 
         for name in ("batch_size", "per_device_batch_size", "log_every"):
             need(getattr(self, name) >= 1, name, "at least 1")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints", "stop_after", "seed"):
+        for name in (
+            "max_steps",
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "keep_checkpoints",
+            "stop_after",
+            "seed",
+        ):
             need(getattr(self, name) >= 0, name, "0 or more")
         for name in ("epochs", "lr"):
             need(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "a positive number")
@@ -510,9 +518,7 @@ class Engine:
         self.scheduler.step()
         self.step += 1
         warnings = self._health_warnings()
-        logged = self._log_train(
-            metric_sums, torch.as_tensor(total_units, device=self.device), grad_norm, warnings
-        )
+        logged = self._log_train(metric_sums, torch.as_tensor(total_units, device=self.device), grad_norm, warnings)
         if self.cfg.save_every and self.step % self.cfg.save_every == 0:
             self.save_checkpoint()
         return logged
@@ -778,9 +784,7 @@ class Engine:
                 )  # fmt: skip
             logger.info("resumed from %s at step %d", ckpt, self.step)
             return
-        raise RunDirError(
-            f"every checkpoint in {self.checkpoint_dir} is damaged; start again with --train.overwrite"
-        )
+        raise RunDirError(f"every checkpoint in {self.checkpoint_dir} is damaged; start again with --train.overwrite")
 
     def save_final(self, tokenizer: Any, name: str = "final", model: Any = None) -> Path:
         """The trained model (or `model`, e.g. the policy inside an actor-critic) and its tokenizer as one
