@@ -24,10 +24,12 @@ import logging
 import math
 import os
 import shutil
+import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +48,11 @@ LossFn = Callable[[dict[str, Any]], tuple[Tensor, dict[str, Tensor]]]
 
 class NonFiniteLossError(RuntimeError):
     """A loss or gradient was NaN or infinite; the step was not applied."""
+
+
+class RunDirError(ValueError):
+    """An output directory that cannot take this run: it holds another run, its checkpoint was written with other
+    settings, or it is not writable. A ValueError, so the CLI prints it as one `rlxf: error:` line."""
 
 
 @dataclass
@@ -81,15 +88,55 @@ class TrainConfig:
     save_every: int = 0
     """Write a checkpoint every N steps (0: only when stopping early)."""
     keep_checkpoints: int = 2
-    """How many most recent checkpoints to keep."""
+    """How many most recent checkpoints to keep; the one just written is always kept (0 counts as 1)."""
     resume: bool = False
-    """Continue from the latest checkpoint in the output directory, exactly where it stopped."""
+    """Continue from the latest checkpoint in the output directory, exactly where it stopped. The run's settings must
+    be those of the checkpoint, except resume, overwrite, stop_after, max_steps, epochs and the logging / checkpoint
+    cadence (progress, report_to, log_every, eval_every, save_every, keep_checkpoints). A finished run does nothing."""
+    overwrite: bool = False
+    """Start afresh in an output directory that holds another run: its checkpoints/, final/, metrics.jsonl and
+    tensorboard/ are deleted first. Without it such a directory is refused (runs would mix)."""
     stop_after: int = 0
     """Stop after this many steps with a checkpoint (e.g. to fit a time slot); 0 runs to the end."""
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     """Where metrics go besides metrics.jsonl."""
     progress: bool = True
     """Show a progress bar with ETA."""
+    dropout: bool = False
+    """Keep the model's dropout layers active in training; off by default as TRL does (dropout makes the policy's
+    log-probs noisy against the reference's, so DPO / PPO ratios do not start at 1)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting outside its range (the CLI prints it as one line)."""
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"train.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for name in ("batch_size", "per_device_batch_size", "log_every"):
+            need(getattr(self, name) >= 1, name, "at least 1")
+        for name in (
+            "max_steps",
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "keep_checkpoints",
+            "stop_after",
+            "seed",
+        ):
+            need(getattr(self, name) >= 0, name, "0 or more")
+        for name in ("epochs", "lr"):
+            need(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "a positive number")
+        for name in ("weight_decay", "max_grad_norm"):
+            need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a number, 0 or more")
+        need(self.lr_schedule in ("cosine", "linear", "constant"), "lr_schedule", "cosine, linear or constant")
+        need(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision", "auto, no, bf16 or fp16")
+        need(self.report_to in ("tensorboard", "none"), "report_to", "tensorboard or none")
+        if self.resume and self.overwrite:
+            raise ValueError("train.resume and train.overwrite exclude each other: continue the run or replace it")
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -117,6 +164,68 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.batch_size // per_pass
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout probability in `model` to 0; returns how many were non-zero.
+
+    Covers nn.Dropout modules and the float attributes attention layers read at forward time instead of a module
+    (Llama's `attention_dropout` goes straight into the attention kernel). The model's config is left alone, so a
+    saved model keeps its own settings.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
+# Fields of TrainConfig that may differ between a run and the checkpoint it resumes: they change how long the run is
+# or what it writes, not which updates it makes. max_steps / epochs may grow to continue a run (the LR schedule is then
+# recomputed for the new length, which the engine warns about).
+RESUME_MAY_CHANGE = frozenset(
+    {"resume", "overwrite", "stop_after", "max_steps", "epochs", "progress", "report_to", "log_every", "eval_every",
+     "save_every", "keep_checkpoints"}
+)  # fmt: skip
+
+# A step's loss above LOSS_SPIKE_FACTOR × the median |loss| of the previous LOSS_WINDOW steps (at least
+# LOSS_SPIKE_MIN_HISTORY of them) and above LOSS_SPIKE_FLOOR is a warning: orders of magnitude, not noise. The floor
+# keeps a DPO loss near 0.005 that returns to 0.7 on a hard batch from counting as a spike.
+LOSS_SPIKE_FACTOR = 100.0
+LOSS_SPIKE_FLOOR = 1.0
+LOSS_WINDOW = 20
+LOSS_SPIKE_MIN_HISTORY = 3
+WARN_EVERY = 100  # the same warning at most once per this many steps in the log (metrics.jsonl records every one)
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists, paths strings), so saved and live configs compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _find_path(d: dict[str, Any], target: dict[str, Any], prefix: str = "") -> str | None:
+    """The dotted key under which `target` sits in `d` ('' for d itself)."""
+    if d == target:
+        return prefix
+    for k, v in d.items():
+        if isinstance(v, dict) and (found := _find_path(v, target, f"{prefix}{k}.")) is not None:
+            return found
+    return None
+
+
 class Engine:
     """Optimiser, schedule, data order, logging and checkpoints around one trainable model."""
 
@@ -130,11 +239,15 @@ class Engine:
         param_groups: list[dict[str, Any]] | None = None,
     ):
         """`param_groups`: optimiser parameter groups (torch's format, e.g. a group with its own "lr") instead of
-        all of `model`'s parameters at `cfg.lr`; the schedule scales every group's rate alike."""
+        all of `model`'s parameters at `cfg.lr`; the schedule scales every group's rate alike.
+
+        `config_dict`: the stage's whole config, saved with checkpoints and compared on resume."""
+        cfg.validate()  # again: a config may have been changed after it was built
         if num_examples <= 0:
             raise ValueError("no training examples: check the data file and --on-bad-row")
         self.cfg = cfg
         self.out_dir = Path(out_dir)
+        self._config = _jsonable(config_dict if config_dict is not None else {"train": asdict(cfg)})
         mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
         if AcceleratorState._shared_state.get("_mixed_precision") not in (None, mixed_precision):
             # Accelerate allows one precision per process; a pipeline, experiment or test suite that trains one model
@@ -148,6 +261,15 @@ class Engine:
         self.num_examples = num_examples
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * num_examples / cfg.batch_size))
 
+        # The output directory is settled before anything is trained: a run never mixes with another run's
+        # checkpoints, and an unwritable directory fails now rather than at the first checkpoint.
+        self._recover_interrupted_swaps()
+        if not cfg.resume:
+            self._claim_out_dir()
+        self._check_writable()
+
+        if not cfg.dropout:
+            disable_dropout(model)
         params: list[Any] = [p for p in model.parameters() if p.requires_grad]
         if param_groups is not None:  # e.g. PPO's critic with its own learning rate
             params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
@@ -163,6 +285,9 @@ class Engine:
 
         self.step = 0
         self.finished = False
+        # True when resume found this run already finished: nothing is trained, logged or saved (save_final and log
+        # do nothing), so a repeated `--train.resume` leaves final/ and metrics.jsonl as they were.
+        self.finished_before = False
         # JSON-able state of the algorithm (e.g. PPO's adaptive KL coefficient), saved with every checkpoint and
         # restored by resume.
         self.extra_state: dict[str, Any] = {}
@@ -170,37 +295,106 @@ class Engine:
         self._last_log_time = time.perf_counter()
         self._tokens_since_log = 0
         self.history: dict[str, list[float]] = {}
+        # Health checks (loss spikes, zero gradients): the losses of recent steps and of this step's updates.
+        self._recent_losses: list[float] = []
+        self._step_losses: list[Tensor] = []
+        self._zero_grad_updates = 0
+        self._last_warned: dict[str, int] = {}
 
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if config_dict is not None:
-                (self.out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
-        self.accelerator.wait_for_everyone()
         if cfg.resume:
             self._resume_latest()
         self._metrics_file = self.out_dir / "metrics.jsonl"
-        if self.is_main:
+        if self.is_main and not self.finished_before:
+            (self.out_dir / "config.json").write_text(json.dumps(self._config, indent=2))
             self._truncate_metrics_after(self.step)
         self._tb = None
-        if self.is_main and cfg.report_to == "tensorboard":
+        if self.is_main and cfg.report_to == "tensorboard" and not self.finished_before:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
         self._bar = tqdm(
             total=self.total_steps,
-            initial=self.step,
-            disable=not (self.is_main and cfg.progress),
+            initial=min(self.step, self.total_steps),
+            disable=not (self.is_main and cfg.progress) or self.finished_before,
             desc=self.out_dir.name,
             dynamic_ncols=True,
         )
-        logger.info(
-            "training %d steps: %d examples/step = %d per pass × %d processes × %d accumulation",
-            self.total_steps,
-            cfg.batch_size,
-            cfg.per_device_batch_size,
-            self.world_size,
-            self.grad_accum,
-        )
+        if not self.finished_before:
+            logger.info(
+                "training %d steps: %d examples/step = %d per pass × %d processes × %d accumulation",
+                self.total_steps,
+                cfg.batch_size,
+                cfg.per_device_batch_size,
+                self.world_size,
+                self.grad_accum,
+            )
+
+    # ------------------------------------------------------------------ the output directory
+    def _any_rank(self, flag: bool) -> bool:
+        """True if `flag` is true on any process, so that all processes raise (or go on) together."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor(float(flag), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def _recover_interrupted_swaps(self) -> None:
+        """Undo a `save_final` cut between moving the old model aside (.old-NAME) and moving the new one in."""
+        if self.is_main and self.out_dir.is_dir():
+            for backup in self.out_dir.glob(".old-*"):
+                target = self.out_dir / backup.name.removeprefix(".old-")
+                if target.exists():  # the swap completed; only deleting the backup was cut
+                    shutil.rmtree(backup, ignore_errors=True)
+                else:
+                    os.replace(backup, target)
+                    logger.warning("restored %s from %s: a previous run stopped while replacing it", target, backup)
+        self.accelerator.wait_for_everyone()
+
+    def _claim_out_dir(self) -> None:
+        """A fresh run needs a directory without another run's checkpoints or final model, or `overwrite`.
+
+        Two runs in one directory mix: checkpoints are pruned by name across both, and resume picks the other run's.
+        """
+        held = sorted(p.name for p in self.checkpoint_dir.glob("step-*"))
+        if (self.out_dir / "final").exists():
+            held.append("final/")
+        if not held:
+            return
+        if not self.cfg.overwrite:
+            shown = ", ".join(f"checkpoints/{n}" if n.startswith("step-") else n for n in held[-3:])
+            raise RunDirError(
+                f"{self.out_dir} already holds a run ({shown}); pass --train.overwrite to delete it and start again, "
+                "--train.resume to continue it, or choose another output directory"
+            )
+        if self.is_main:
+            for name in ("checkpoints", "final", "metrics.jsonl", "tensorboard", "config.json"):
+                path = self.out_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            for leftover in self.out_dir.glob(".tmp-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            logger.warning("--train.overwrite: deleted the previous run in %s (%s)", self.out_dir, ", ".join(held))
+        self.accelerator.wait_for_everyone()
+
+    def _check_writable(self) -> None:
+        """Create the output directory (and checkpoints/ when this run will write checkpoints) and write a probe file
+        in each, so a permission or path problem stops the run before step 1 rather than after hours of training."""
+        problem = ""
+        if self.is_main:
+            dirs = [self.out_dir]
+            if self.cfg.save_every or self.cfg.stop_after:
+                dirs.append(self.checkpoint_dir)
+            for d in dirs:
+                try:
+                    d.mkdir(parents=True, exist_ok=True)
+                    with tempfile.NamedTemporaryFile(dir=d, prefix=".write-test-"):
+                        pass
+                except OSError as e:
+                    problem = f"cannot write to {d} ({e.strerror or e}); fix its permissions or choose another --out"
+                    break
+        if self._any_rank(bool(problem)):
+            raise RunDirError(problem or f"cannot write to {self.out_dir} (reported by the main process)")
 
     # ------------------------------------------------------------------ data order
     @property
@@ -291,6 +485,7 @@ class Engine:
         norm before clipping.
         """
         metric_sums: dict[str, Tensor] = {}
+        loss_total: Tensor | float = 0.0
         self.model.train()
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -301,6 +496,7 @@ class Engine:
                 self._check_finite(loss_sum, f"loss of micro-batch {i}")
                 # DDP averages gradients over processes; × world_size turns that average into the global sum.
                 self.accelerator.backward(loss_sum * (self.world_size / total_units))
+            loss_total = loss_total + loss_sum.detach().float()
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
             self._tokens_since_log += int(batch.get("num_tokens", 0))
@@ -308,6 +504,10 @@ class Engine:
         grad_norm = self._clip_and_check_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # For the health checks at the end of the step: this update's loss (as optimised, over all processes) and
+        # whether its gradient was exactly zero (a collapsed model, or a loss that does not reach the parameters).
+        self._step_losses.append(self.global_sum(loss_total) / total_units)
+        self._zero_grad_updates += int(float(grad_norm) == 0.0)
         return metric_sums, grad_norm
 
     def end_step(
@@ -317,7 +517,8 @@ class Engine:
         checkpoint when due. Returns the logged metrics ({} when this step is not logged)."""
         self.scheduler.step()
         self.step += 1
-        logged = self._log_train(metric_sums, torch.as_tensor(total_units, device=self.device), grad_norm)
+        warnings = self._health_warnings()
+        logged = self._log_train(metric_sums, torch.as_tensor(total_units, device=self.device), grad_norm, warnings)
         if self.cfg.save_every and self.step % self.cfg.save_every == 0:
             self.save_checkpoint()
         return logged
@@ -333,6 +534,44 @@ class Engine:
                 "Lower --train.lr, check the data for extreme values, or use --train.mixed_precision no."
             )
 
+    def _health_warnings(self) -> dict[str, float]:
+        """Warnings about the step just finished, as metrics: `train/loss_spike` (the loss over the recent median)
+        when the loss jumps by orders of magnitude, `train/grad_norm_zero` (the fraction of this step's updates whose
+        gradient was exactly 0). A run that diverged or collapsed this way would otherwise finish and exit 0."""
+        losses = [float(x) for x in self._step_losses]
+        zero, updates = self._zero_grad_updates, len(losses)
+        self._step_losses, self._zero_grad_updates = [], 0
+        if not losses:
+            return {}
+        loss = sum(losses) / len(losses)
+        found: dict[str, float] = {}
+        if len(self._recent_losses) >= LOSS_SPIKE_MIN_HISTORY:
+            median = statistics.median(abs(x) for x in self._recent_losses)
+            if abs(loss) > LOSS_SPIKE_FLOOR and abs(loss) > LOSS_SPIKE_FACTOR * median:
+                found["train/loss_spike"] = abs(loss) / max(median, 1e-12)
+                self._warn(
+                    "loss_spike",
+                    "loss %.4g at step %d is %.3g× the median of the previous %d steps (%.4g): training may have "
+                    "diverged; lower --train.lr or check the data",
+                    loss, self.step, found["train/loss_spike"], len(self._recent_losses), median,
+                )  # fmt: skip
+        self._recent_losses = (self._recent_losses + [loss])[-LOSS_WINDOW:]
+        if zero:
+            found["train/grad_norm_zero"] = zero / updates
+            self._warn(
+                "grad_norm_zero",
+                "gradient norm is exactly 0 at step %d (%d of %d updates): nothing is learned; the model may have "
+                "collapsed (lower --train.lr) or the loss does not depend on the trained parameters",
+                self.step, zero, updates,
+            )  # fmt: skip
+        return found
+
+    def _warn(self, kind: str, message: str, *args: Any) -> None:
+        """logger.warning on the main process, the same kind at most once per WARN_EVERY steps."""
+        if self.is_main and self.step - self._last_warned.get(kind, -WARN_EVERY) >= WARN_EVERY:
+            self._last_warned[kind] = self.step
+            logger.warning(message, *args)
+
     def _clip_and_check_gradients(self) -> Tensor:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.max_grad_norm > 0:
@@ -344,8 +583,11 @@ class Engine:
         return norm
 
     # ------------------------------------------------------------------ logging
-    def _log_train(self, metric_sums: dict[str, Tensor], total_units: Tensor, grad_norm: Tensor) -> dict[str, float]:
-        if self.step % self.cfg.log_every and self.step != self.total_steps:
+    def _log_train(
+        self, metric_sums: dict[str, Tensor], total_units: Tensor, grad_norm: Tensor, warnings: dict[str, float]
+    ) -> dict[str, float]:
+        # A step with a warning is logged even between log_every steps, so metrics.jsonl records every one.
+        if self.step % self.cfg.log_every and self.step != self.total_steps and not warnings:
             self._bar.update(1)
             return {}
         sums = dict(metric_sums)
@@ -361,6 +603,7 @@ class Engine:
             )
         if torch.cuda.is_available():
             logged["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        logged.update(warnings)
         self._last_log_time, self._tokens_since_log = now, 0
         self.log(logged)
         self._bar.update(1)
@@ -372,7 +615,7 @@ class Engine:
 
     def log(self, metrics: dict[str, float]) -> None:
         """Record metrics at the current step (rank 0 only): history, metrics.jsonl and TensorBoard."""
-        if not self.is_main:
+        if not self.is_main or self.finished_before:
             return
         for k, v in metrics.items():
             self.history.setdefault(k, []).append(v)
@@ -387,20 +630,43 @@ class Engine:
         return (bool(every) and self.step % every == 0) or self.step == self.total_steps
 
     def _truncate_metrics_after(self, step: int) -> None:
-        """On resume, drop metric lines written after the checkpoint, so the file has each step once."""
+        """Drop metric lines written after `step` (the checkpoint resumed from; 0 for a fresh run), so the file has
+        each step once. A line that is not JSON (cut by a kill or a full disk) is dropped too, and reported."""
         if not self._metrics_file.exists():
             return
-        keep = [
-            line
-            for line in self._metrics_file.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
+        keep, dropped = [], []
+        for number, line in enumerate(self._metrics_file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                line_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                dropped.append(number)
+                continue
+            if line_step <= step:
+                keep.append(line)
+        if dropped:
+            logger.warning(
+                "%s: dropped %d damaged line(s) (line %s), e.g. cut short by a kill or a full disk",
+                self._metrics_file, len(dropped), ", ".join(map(str, dropped[:5])),
+            )  # fmt: skip
         self._metrics_file.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoints"
+
+    def _state(self) -> dict[str, Any]:
+        """What a checkpoint or final/ records besides the weights (trainer_state.json)."""
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "world_size": self.world_size,
+            "extra": self.extra_state,
+            "recent_losses": self._recent_losses,
+            "config": self._config,
+        }
 
     def save_checkpoint(self) -> Path:
         """Model, optimizer, scheduler, RNG states and data position, written under a temporary name and renamed.
@@ -416,52 +682,134 @@ class Engine:
         self.accelerator.save_state(str(tmp))
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            state = {
-                "step": self.step,
-                "total_steps": self.total_steps,
-                "world_size": self.world_size,
-                "extra": self.extra_state,
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            (tmp / "trainer_state.json").write_text(json.dumps(self._state()))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.cfg.keep_checkpoints or None]:
-                shutil.rmtree(old)
+            self._prune_checkpoints(keep=final)
         self.accelerator.wait_for_everyone()
         return final
 
+    def _prune_checkpoints(self, keep: Path) -> None:
+        """Delete all but the newest `keep_checkpoints` checkpoints; `keep` (the one just written) always stays.
+
+        Checkpoints after `keep` can only be ones a resume skipped as damaged, whose steps were trained again: they go.
+        """
+        others = [p for p in self.checkpoint_dir.glob("step-*") if p.name != keep.name]
+        older = sorted(p for p in others if p.name < keep.name)
+        newer = [p for p in others if p.name > keep.name]
+        kept_older = max(self.cfg.keep_checkpoints, 1) - 1
+        for old in newer + older[: len(older) - kept_older]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _check_same_run(self, saved: dict[str, Any] | None, where: Path) -> None:
+        """Refuse to resume from a checkpoint (or final/) written with other settings: the run would be neither the
+        old one nor the new one. Only RESUME_MAY_CHANGE fields of the training settings (and `out`: a moved
+        directory) may differ; keys present on one side only (settings added by a newer rlxf) are not compared."""
+        if saved is None:  # written before checkpoints recorded their config
+            return
+        train_path = _find_path(self._config, _jsonable(asdict(self.cfg)))
+        if train_path is None:
+            train_path = "train."
+        may_change = {train_path + name for name in RESUME_MAY_CHANGE} | {"out"}
+        now, then = _flatten(self._config), _flatten(saved)
+        differ = [k for k in sorted(now.keys() & then.keys()) if now[k] != then[k] and k not in may_change]
+        if differ:
+            shown = "; ".join(f"{k}: {then[k]!r} there, {now[k]!r} now" for k in differ[:8])
+            raise RunDirError(
+                f"cannot resume from {where}: it was written with other settings ({shown}). Resume with the same "
+                f"settings, or start a new run (another output directory, or --train.overwrite)"
+            )
+
+    def _read_state(self, directory: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads((directory / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     def _resume_latest(self) -> None:
-        found = sorted(self.checkpoint_dir.glob("step-*"))
+        final_dir = self.out_dir / "final"
+        if final_dir.is_dir():
+            final_state = self._read_state(final_dir)
+            if final_state is not None:
+                self._check_same_run(final_state.get("config"), final_dir)
+            # final/ without a state file was written by an older rlxf: a finished run of unknown length.
+            done = final_state["step"] if final_state is not None else self.total_steps
+            if done >= self.total_steps:
+                self.step, self.finished_before = done, True
+                logger.info(
+                    "%s: this run finished at step %d and final/ holds its model; nothing to do (raise "
+                    "--train.max_steps to train on from its last checkpoint, or pass --train.overwrite to retrain)",
+                    self.out_dir, done,
+                )  # fmt: skip
+                return
+        found = sorted(self.checkpoint_dir.glob("step-*"), reverse=True)
         if not found:
+            if final_dir.is_dir():
+                raise RunDirError(
+                    f"cannot train {final_dir}'s run on to step {self.total_steps}: {self.checkpoint_dir} holds no "
+                    "checkpoint to continue from (use --train.save_every or --train.stop_after next time)"
+                )
             logger.warning("--train.resume: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
             return
-        latest = found[-1]
-        state = json.loads((latest / "trainer_state.json").read_text())
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"checkpoint {latest} was written by {state['world_size']} processes, this run has {self.world_size}; "
-                "resume with the same number of processes"
-            )
-        self.accelerator.load_state(str(latest))
-        self.step = state["step"]
-        self.extra_state = state.get("extra", {})
-        logger.info("resumed from %s at step %d", latest, self.step)
+        for ckpt in found:
+            # The newest checkpoint may be damaged (a kill or a full disk while a file was copied in by hand, a
+            # truncated file): report it and fall back to the one before, which the pruning kept for this.
+            state = self._read_state(ckpt)
+            problem: Exception | str | None = None if state is not None else "trainer_state.json unreadable"
+            if state is not None:
+                if state["world_size"] != self.world_size:
+                    raise RunDirError(
+                        f"checkpoint {ckpt} was written by {state['world_size']} processes, this run has "
+                        f"{self.world_size}; resume with the same number of processes"
+                    )
+                self._check_same_run(state.get("config"), ckpt)
+                try:
+                    self.accelerator.load_state(str(ckpt))
+                except Exception as e:  # safetensors, torch.load and pickle raise different types for a cut file
+                    problem = e
+            if self._any_rank(problem is not None):
+                logger.warning(
+                    "checkpoint %s is damaged (%s); trying the one before it", ckpt, problem or "on another process"
+                )
+                continue
+            assert state is not None
+            self.step = state["step"]
+            self.extra_state = state.get("extra", {})
+            self._recent_losses = state.get("recent_losses", [])
+            if state["total_steps"] != self.total_steps:
+                logger.warning(
+                    "the run was planned for %d steps and now runs %d: the LR schedule is recomputed for the new "
+                    "length, so it differs from a run planned for %d steps from the start",
+                    state["total_steps"], self.total_steps, self.total_steps,
+                )  # fmt: skip
+            logger.info("resumed from %s at step %d", ckpt, self.step)
+            return
+        raise RunDirError(f"every checkpoint in {self.checkpoint_dir} is damaged; start again with --train.overwrite")
 
     def save_final(self, tokenizer: Any, name: str = "final", model: Any = None) -> Path:
         """The trained model (or `model`, e.g. the policy inside an actor-critic) and its tokenizer as one
-        `save_pretrained` directory, out_dir/name.
+        `save_pretrained` directory, out_dir/name, with trainer_state.json (step and config, read by resume).
 
-        Written by rank 0 under a temporary name and renamed, so a crash never leaves half a model behind.
+        Written by rank 0 under a temporary name; the previous model is moved aside before the new one is renamed
+        into place and deleted after, so a crash at any point leaves one complete model (startup restores a backup
+        left without its replacement). Does nothing for a run that had finished before this resume.
         """
         target = self.out_dir / name
+        if self.finished_before:
+            return target
         self.accelerator.wait_for_everyone()
         if self.is_main:
             tmp = self.out_dir / f".tmp-{name}"
+            backup = self.out_dir / f".old-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
             (model if model is not None else self.unwrap()).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            shutil.rmtree(target, ignore_errors=True)
+            (tmp / "trainer_state.json").write_text(json.dumps(self._state()))
+            shutil.rmtree(backup, ignore_errors=True)
+            if target.exists():
+                os.replace(target, backup)
             os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return target
 

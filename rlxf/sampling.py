@@ -31,6 +31,16 @@ class GenerationSettings:
     batch_size: int = 32
     """Prompts per generate() call (each expanded to n samples)."""
 
+    def __post_init__(self) -> None:
+        for name, ok, rule in (
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("temperature", self.temperature >= 0, "0 or more"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
 
 @dataclass
 class Sample:

@@ -484,7 +484,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
                 rollout_metrics["rewards/gold"] = mean(traj["gold"])
             engine.log(rollout_metrics)
 
-    if engine.finished:
+    if engine.finished and not engine.finished_before:  # a resumed finished run leaves final/ as it is
         final = engine.save_final(tokenizer, model=engine.unwrap().policy)
         if engine.is_main:
             actor_critic = engine.unwrap()
