@@ -40,7 +40,8 @@ from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.feedback.label import LabelConfig, as_text, build_template, load_label_pairs  # noqa: E402
 from rlxf.feedback.prompts import build_prompt  # noqa: E402
 from rlxf.trainers.sft import SFTConfig, train_sft  # noqa: E402
-from rlxf.worlds.factworld import _preferences, load_factworld  # noqa: E402
+from rlxf.worlds.factworld import load_factworld  # noqa: E402
+from rlxf.worlds.factworld.world import _preferences  # noqa: E402
 
 logger = logging.getLogger("rlaif.judge")
 
