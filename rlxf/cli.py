@@ -14,7 +14,10 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from rlxf.config import ConfigError, add_config_arguments, config_from_args
 from rlxf.errors import BackendError
@@ -24,6 +27,9 @@ from rlxf.errors import BackendError
 class Command:
     config_cls: type
     run: Callable[[Any], Any]
+    pick: Callable[[list[str]], Command | None] | None = None
+    """For a command whose config depends on its arguments: returns the command to run instead, or None for this
+    one (`rm` runs `ranking-rm` when --loss names a ranking loss)."""
 
 
 def _world_factworld() -> Command:
@@ -84,13 +90,43 @@ def _sft() -> Command:
 
 
 def _rm() -> Command:
+    from rlxf.collapse.ranking import RANKING_LOSSES
     from rlxf.trainers.rm import RewardModelConfig, train_reward_model
 
-    def run(cfg: RewardModelConfig) -> None:
-        result = train_reward_model(cfg)
-        _print_summary(result)
+    def pick(argv: list[str]) -> Command | None:
+        return _ranking_rm() if _requested_loss(argv) in RANKING_LOSSES else None
 
-    return Command(RewardModelConfig, run)
+    return Command(RewardModelConfig, lambda cfg: _print_summary(train_reward_model(cfg)), pick)
+
+
+def _ranking_rm() -> Command:
+    from rlxf.trainers.ranking_rm import RankingRewardModelConfig, train_ranking_reward_model
+
+    return Command(RankingRewardModelConfig, lambda cfg: _print_summary(train_ranking_reward_model(cfg)))
+
+
+def _requested_loss(argv: list[str]) -> str | None:
+    """The `--loss` of the command line, else the `loss:` of its --config YAML, else None: flags override the file,
+    and the last flag wins, as when the config is read. A YAML that cannot be read is left for the config reader to
+    report."""
+
+    def flag(name: str) -> str | None:
+        value = None
+        for i, word in enumerate(argv):
+            if word == name and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif word.startswith(name + "="):
+                value = word.split("=", 1)[1]
+        return value
+
+    loss, path = flag("--loss"), flag("--config")
+    if loss is None and path:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        loss = data.get("loss") if isinstance(data, dict) else None
+    return loss if isinstance(loss, str) else None
 
 
 def _dpo() -> Command:
@@ -112,9 +148,9 @@ def _ppo() -> Command:
 
 
 def _reinforce() -> Command:
-    from rlxf.trainers.ppo import ReinforceConfig, train_ppo
+    from rlxf.trainers.reinforce import ReinforceConfig, train_reinforce
 
-    return Command(ReinforceConfig, lambda cfg: _print_summary(train_ppo(cfg)))
+    return Command(ReinforceConfig, lambda cfg: _print_summary(train_reinforce(cfg)))
 
 
 def _rejection_sampling() -> Command:
@@ -192,7 +228,17 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
     ),
     "tiny-model": ("Train a BPE tokenizer on a corpus and build a small Llama (save_pretrained dir).", _tiny_model),
     "sft": ("Supervised fine-tuning on completion tokens.", _sft),
-    "rm": ("Train a reward model on preference pairs (Bradley-Terry, margins, soft labels).", _rm),
+    "rm": (
+        "Train a reward model on preference pairs (Bradley-Terry, margins, soft labels). With --loss ranking, "
+        "plackett_luce or pairwise_bt (or `loss:` in the --config YAML) it runs `rlxf ranking-rm` instead: "
+        "`rlxf rm --loss ranking --help` lists those options.",
+        _rm,
+    ),
+    "ranking-rm": (
+        "Train a reward model on rankings (K responses per prompt): reward-collapse utilities per prompt, "
+        "Plackett-Luce, all-pairs Bradley-Terry.",
+        _ranking_rm,
+    ),
     "dpo": ("Direct preference optimisation (sigmoid / IPO / conservative / soft labels, cached reference).", _dpo),
     "rloo": ("REINFORCE leave-one-out: k samples per prompt, any reward source, KL to a frozen reference.", _rloo),
     "ppo": ("PPO: per-token rewards and KL, GAE, value model or shared value head, clipped losses, epochs.", _ppo),
@@ -242,6 +288,8 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Command | No
         head, _, tail = name.partition(" ")
         is_chosen = chosen == name or (not tail and chosen.split(" ")[0] == name)
         command = factory() if is_chosen else None
+        if command is not None and command.pick is not None:
+            command = command.pick(words) or command
         if tail:
             if head not in groups:
                 group_parser = sub.add_parser(head, help=f"{head} subcommands")

@@ -101,8 +101,7 @@ def sequence_kl(
 
 def reward_model_accuracy(rm_dir: str, pairs_file: str, batch_size: int = 32) -> float:
     from rlxf.hf import load_tokenizer
-    from rlxf.models.reward_model import RewardModel
-    from rlxf.trainers.rm import evaluate_pairs
+    from rlxf.models.reward_model import RewardModel, evaluate_pairs
 
     tokenizer = load_tokenizer(rm_dir)
     rm = RewardModel.from_pretrained(rm_dir)

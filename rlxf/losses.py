@@ -45,9 +45,28 @@ def reward_centering_penalty(chosen_rewards: Tensor, rejected_rewards: Tensor) -
     return (chosen_rewards + rejected_rewards) ** 2
 
 
-def pairwise_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
-    """Fraction of pairs ranked correctly; ties count half. (B,), (B,) -> ()."""
-    return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
+def pairwise_accuracy(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, reduction: Literal["mean", "sum", "none"] = "mean"
+) -> Tensor:
+    """Fraction of pairs ranked correctly, a tie counting half: a model that cannot tell two responses apart does
+    as well as a coin flip, not worse. (B,), (B,) -> () with "mean".
+
+    The one definition for pairs, ranked pairs of rankings and evaluation alike. "sum" gives the number of hits (what
+    a trainer logs, the engine dividing by its units); "none" gives the hit per pair, 1, ½ or 0, for any two
+    broadcastable shapes (e.g. (P, K, 1) against (P, 1, K) for all pairs of P rankings). Float inputs keep their
+    dtype; other inputs give the default float dtype.
+    """
+    dtype = torch.promote_types(chosen_rewards.dtype, rejected_rewards.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    hits = (chosen_rewards > rejected_rewards).to(dtype) + 0.5 * (chosen_rewards == rejected_rewards).to(dtype)
+    if reduction == "mean":
+        return hits.mean()
+    if reduction == "sum":
+        return hits.sum()
+    if reduction == "none":
+        return hits
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 DPOLossType = Literal["sigmoid", "ipo"]

@@ -53,3 +53,24 @@ def test_centering_and_accuracy_by_hand():
     # pairs 1 and 4 right, pair 2 wrong, pair 3 a tie (counts half): (1 + 0 + 0.5 + 1) / 4
     assert pairwise_accuracy(chosen, rejected).item() == pytest.approx(0.625)
     torch.testing.assert_close(reward_centering_penalty(chosen, rejected), torch.tensor([1.0, 1.0, 16.0, 4.0]))
+
+
+def test_pairwise_accuracy_reductions_by_hand():
+    chosen, rejected = torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.tensor([0.0, 1.0, 2.0, -3.0])
+    assert pairwise_accuracy(chosen, rejected, reduction="none").tolist() == [1.0, 0.0, 0.5, 1.0]
+    assert pairwise_accuracy(chosen, rejected, reduction="sum").item() == 2.5
+    with pytest.raises(ValueError, match="reduction"):
+        pairwise_accuracy(chosen, rejected, reduction="prompt")
+    # float64 stays float64 (ranking rewards); integer scores still count a tie as 0.5
+    assert pairwise_accuracy(chosen.double(), rejected.double()).dtype == torch.float64
+    assert pairwise_accuracy(torch.tensor([2, 1]), torch.tensor([2, 3])).item() == pytest.approx(0.25)
+
+
+def test_pairwise_accuracy_over_all_pairs_of_rankings_by_hand():
+    # two prompts, columns best -> worst: [3, 1, 1] has pairs (0,1) right, (0,2) right, (1,2) a tie;
+    # [0, 2, 5] has all three pairs wrong
+    values = torch.tensor([[3.0, 1.0, 1.0], [0.0, 2.0, 5.0]])  # (P, K)
+    hits = pairwise_accuracy(values[:, :, None], values[:, None, :], reduction="none")  # (P, K, K)
+    above = torch.ones(3, 3, dtype=torch.bool).triu(1)  # column i ranked above column j
+    assert hits[:, above].sum(-1).tolist() == [2.5, 0.0]
+    assert (hits[:, above].sum() / above.sum() / 2).item() == pytest.approx(2.5 / 6)

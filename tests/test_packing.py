@@ -8,9 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlxf.data.packing import first_fit_decreasing, pack_pairs
-from rlxf.models.reward_model import RewardModel
+from rlxf.models.reward_model import RewardModel, collate_pairs, pair_rewards
 from rlxf.trainers.dpo import collate_dpo, response_logps
-from rlxf.trainers.rm import collate_pairs, pair_rewards
 
 
 def random_pairs(n: int, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:

@@ -1,5 +1,6 @@
-"""Ranking reward-model trainer (rlxf.trainers.ranking_rm) and `rlxf collapse diagnose / predict` (rlxf.collapse.commands)
-on a tiny LengthWorld."""
+"""Ranking reward-model trainer (rlxf.trainers.ranking_rm), its batching and scoring (rlxf.collapse.ranking), the CLI
+that routes `rlxf rm --loss ranking` to it, and `rlxf collapse diagnose / predict` (rlxf.collapse.commands) on a tiny
+LengthWorld."""
 
 from __future__ import annotations
 
@@ -8,13 +9,23 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from rlxf.collapse.commands import DiagnoseConfig, PredictConfig, run_diagnose, run_predict
 from rlxf.collapse.losses import utility_ranking_loss
+from rlxf.collapse.ranking import (
+    collate_rankings,
+    completion_values,
+    pack_rankings,
+    ranking_pairwise_accuracy,
+    row_utilities,
+    score_rankings,
+)
 from rlxf.collapse.utilities import utility
 from rlxf.data import load_rankings
 from rlxf.data.tokenize import encode_rankings
@@ -22,15 +33,8 @@ from rlxf.engine import TrainConfig
 from rlxf.hf import load_tokenizer
 from rlxf.models.reward_model import RewardModel
 from rlxf.models.tiny import TinyModelConfig, make_tiny_model
-from rlxf.trainers.ranking_rm import (
-    collate_rankings,
-    completion_values,
-    pack_rankings,
-    ranking_loss_and_metrics,
-    row_utilities,
-    score_rankings,
-)
-from rlxf.trainers.rm import RewardModelConfig, train_reward_model
+from rlxf.trainers.ranking_rm import RankingRewardModelConfig, ranking_loss_and_metrics, train_ranking_reward_model
+from rlxf.trainers.rm import RewardModelConfig
 from rlxf.worlds.lengthworld import LengthWorldConfig, write_lengthworld
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,11 +72,11 @@ def lw_model_dir(tmp_path_factory, lengthworld):
     return make_tiny_model(cfg)
 
 
-def _rm_config(model_dir, world, out, **kw) -> RewardModelConfig:
+def _rm_config(model_dir, world, out, **kw) -> RankingRewardModelConfig:
     train = TrainConfig(
         lr=3e-3, batch_size=4, per_device_batch_size=2, max_steps=8, report_to="none", progress=False, seed=0
     )
-    return RewardModelConfig(
+    return RankingRewardModelConfig(
         model=str(model_dir),
         train_file=str(world / "train.jsonl"),
         eval_file=str(world / "test.jsonl"),
@@ -93,7 +97,7 @@ def ranking_run(tmp_path_factory, lw_model_dir, lengthworld):
     out = tmp_path_factory.mktemp("ranking-run")
     cfg = _rm_config(lw_model_dir, lengthworld, out, utility="log")
     cfg.train.mixed_precision = "no"  # the reload test compares scores: on a GPU, bf16 autocast would round them
-    result = train_reward_model(cfg, model=model)
+    result = train_ranking_reward_model(cfg, model=model)
     return {"result": result, "model": model, "before": before, "out": out}
 
 
@@ -232,6 +236,23 @@ def test_run_diagnose_without_training_config_needs_a_utility(lw_model_dir, leng
         run_diagnose(DiagnoseConfig(rm=str(lw_model_dir), data=str(lengthworld / "test.jsonl"), out=str(tmp_path)))
 
 
+def test_run_diagnose_refuses_a_bradley_terry_run_without_a_utility(tmp_path):
+    # `rlxf rm` records loss=bradley_terry in its run's config.json (and no utility): diagnose must say so
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(asdict(RewardModelConfig())))
+    with pytest.raises(ValueError, match="bradley_terry.*unbounded"):
+        run_diagnose(DiagnoseConfig(rm=str(tmp_path / "run"), data=str(tmp_path / "unused.jsonl")))
+
+
+def test_ranking_pairwise_accuracy_by_hand():
+    # row 1, best -> worst by column: (0,1) right, (0,2) right, (1,2) a tie -> 2.5 of 3
+    # row 2 ranked by `scores` (column 2 best, columns 0 and 1 tied, so not a pair): (2,0) right, (2,1) wrong -> 1 of 2
+    values = [np.array([3.0, 1.0, 1.0]), np.array([0.5, 9.0, 2.0])]
+    rows = [{}, {"scores": [0.0, 0.0, 1.0]}]
+    assert ranking_pairwise_accuracy(values, rows) == pytest.approx(3.5 / 5)
+    assert ranking_pairwise_accuracy([np.array([1.0])], [{}]) == 0.0  # no pairs
+
+
 def test_run_predict_writes_the_smoothed_profile_and_png(tmp_path):
     result = run_predict(PredictConfig(utility="inverse", n=8, out=str(tmp_path)))
     want = [0, 0.089, 0.241, 0.412, 0.588, 0.759, 0.911, 1]  # spec §4.1 row `inv`, ε = 0.1
@@ -274,6 +295,42 @@ def test_cli_rm_plackett_luce_trains(lw_model_dir, lengthworld, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "final" / "config.json").is_file()
     assert "loss/plackett_luce" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "argv, cls",
+    [
+        (["rm"], RewardModelConfig),
+        (["rm", "--loss", "bradley_terry"], RewardModelConfig),
+        (["rm", "--loss", "ranking", "--utility", "inverse"], RankingRewardModelConfig),
+        (["--log-level", "INFO", "rm", "--loss=plackett_luce"], RankingRewardModelConfig),
+        (["rm", "--config", "{yaml}"], RankingRewardModelConfig),  # `loss: pairwise_bt` in the file
+        (["rm", "--config", "{yaml}", "--loss", "bradley_terry"], RewardModelConfig),  # the flag wins
+        (["ranking-rm"], RankingRewardModelConfig),
+    ],
+)
+def test_cli_rm_routes_ranking_losses_to_the_ranking_trainer(argv, cls, tmp_path):
+    from rlxf.cli import build_parser
+
+    path = tmp_path / "rm.yaml"
+    path.write_text("loss: pairwise_bt\nutility: log\n")
+    _, command = build_parser([str(path) if a == "{yaml}" else a for a in argv])
+    assert command is not None and command.config_cls is cls
+
+
+def test_rm_help_points_to_the_ranking_trainer():
+    from rlxf.cli import build_parser
+
+    parser, _ = build_parser(["rm"])
+    text = parser._subparsers._group_actions[0].choices["rm"].format_help()
+    assert "--loss ranking" in text and "ranking-rm" in text
+
+
+def test_pairs_trainer_refuses_a_ranking_loss():
+    from rlxf.trainers.rm import train_reward_model
+
+    with pytest.raises(ValueError, match="train_ranking_reward_model"):
+        train_reward_model(RewardModelConfig(loss="ranking"))  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(

@@ -1,5 +1,5 @@
 """Reward collapse on LengthWorld with a tiny model: Song, Cai, Lee & Su, "Reward Collapse in Aligning Large Language
-Models" (arXiv:2305.17608, §5), rlxf spec methods/reward_collapse.md §4.5 and §5.
+Models" (arXiv:2305.17608, §5), docs/methods/reward_collapse.md §4.5 and §5.
 
     .venv/bin/python experiments/reward_collapse/run.py          # about 3 minutes on 2 CPU cores
 
@@ -46,7 +46,7 @@ from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.hf import load_tokenizer  # noqa: E402
 from rlxf.models.reward_model import RewardModel  # noqa: E402
 from rlxf.models.tiny import TinyModelConfig, make_tiny_model  # noqa: E402
-from rlxf.trainers.rm import RewardModelConfig, train_reward_model  # noqa: E402
+from rlxf.trainers.ranking_rm import RankingRewardModelConfig, train_ranking_reward_model  # noqa: E402
 from rlxf.worlds.lengthworld import LengthWorldConfig, write_lengthworld  # noqa: E402
 
 logger = logging.getLogger("reward_collapse")
@@ -148,8 +148,10 @@ def build_world_and_model(cfg: ExperimentConfig, out: Path) -> tuple[Path, Path]
 
 
 # ---- 2. + 3. one run -----------------------------------------------------------------------------------------------
-def rm_config(cfg: ExperimentConfig, world: Path, model: Path, run_dir: Path, utility: str) -> RewardModelConfig:
-    return RewardModelConfig(
+def rm_config(
+    cfg: ExperimentConfig, world: Path, model: Path, run_dir: Path, utility: str
+) -> RankingRewardModelConfig:
+    return RankingRewardModelConfig(
         model=str(model),
         train_file=str(world / "train.jsonl"),
         eval_file=str(world / "test.jsonl"),
@@ -203,7 +205,8 @@ def run_one(cfg: ExperimentConfig, world: Path, model: Path, out: Path, name: st
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: never resume a stale checkpoint
     rm_cfg = rm_config(cfg, world, model, run_dir, utility)
-    first = train_reward_model(rm_cfg, model=RewardModel.from_pretrained(model))  # stops at 25% with a checkpoint
+    # stops at 25% of the steps with a checkpoint
+    first = train_ranking_reward_model(rm_cfg, model=RewardModel.from_pretrained(model))
     assert not first["finished"], "the first leg should stop at 25% of the steps"
     # The checkpoint holds the model at 25%; save it as a plain reward model directory for run_diagnose.
     at_25 = run_dir / "at_25pct"
@@ -215,7 +218,7 @@ def run_one(cfg: ExperimentConfig, world: Path, model: Path, out: Path, name: st
     diag_25 = diagnose_both(cfg, at_25, world, "25pct")
 
     rm_cfg.train.resume, rm_cfg.train.stop_after = True, 0
-    second = train_reward_model(rm_cfg, model=RewardModel.from_pretrained(model))
+    second = train_ranking_reward_model(rm_cfg, model=RewardModel.from_pretrained(model))
     assert second["finished"]
     diag_100 = diagnose_both(cfg, run_dir / "final", world, "100pct")
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

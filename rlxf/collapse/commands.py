@@ -2,13 +2,14 @@
 
 - `run_diagnose(DiagnoseConfig)`: score every response of a rankings file with a reward model, sort each prompt's
   rewards into a profile, and check them against the profile predicted for the utility the model was trained with
-  (spec methods/reward_collapse.md §4.5): profile MAE, open-vs-closed gap, prompt independence, pairwise accuracy.
+  (docs/methods/reward_collapse.md §4.5): profile MAE, open-vs-closed gap, prompt independence, pairwise accuracy.
   Writes diagnose.json, profiles.jsonl and profiles.png.
 - `run_predict(PredictConfig)`: the predicted n-point profile of a utility (pure and ε-smoothed optimum, limit law);
   writes predict.json and predict.png.
 
 Rewards are r = σ(value at the last token): exactly the trained reward for loss=ranking; for a model trained with an
-unbounded loss (Bradley–Terry, Plackett–Luce) σ bounds it so the profile can be compared at all (spec §6).
+unbounded loss (Bradley–Terry, Plackett–Luce) σ bounds it so the profile can be compared at all
+(docs/methods/reward_collapse.md §6).
 """
 
 from __future__ import annotations
@@ -24,19 +25,19 @@ import numpy as np
 import torch
 
 from rlxf.collapse.diagnose import ALL, diagnose, plot_profiles, predict_plot, reward_profiles
+from rlxf.collapse.ranking import (
+    PROMPT_AWARE,
+    diagnostic_groups,
+    ranking_pairwise_accuracy,
+    row_utilities,
+    score_rankings,
+    utility_from_options,
+)
 from rlxf.collapse.utilities import openness_utility
 from rlxf.data.formats import load_rankings
 from rlxf.data.tokenize import encode_rankings
 from rlxf.hf import load_tokenizer
 from rlxf.models.reward_model import RewardModel
-from rlxf.trainers.ranking_rm import (
-    PROMPT_AWARE,
-    diagnostic_groups,
-    pairwise_accuracy,
-    row_utilities,
-    score_rankings,
-    utility_from_options,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DiagnoseConfig:
     rm: str = ""
-    """Reward model: a `final/` directory written by `rlxf rm`, its run directory, or any saved reward model. Required."""
+    """Reward model: a `final/` directory written by `rlxf ranking-rm` (or `rlxf rm`), its run directory, or any saved
+    reward model. Required."""
     data: str = ""
     """Rankings to score (`prompt`, `responses` best -> worst or + `scores`, optional `prompt_type` / `openness`).
     Required."""
@@ -62,7 +64,8 @@ class DiagnoseConfig:
     smoothed: bool = True
     """Compare with the optimum of the ε-smoothed utility (what training optimises) rather than the pure U."""
     held_out: bool = False
-    """The prompts were not trained on: the profile-MAE check uses 0.08 instead of 0.05 (spec §4.5)."""
+    """The prompts were not trained on: the profile-MAE check uses 0.08 instead of 0.05
+    (docs/methods/reward_collapse.md §4.5)."""
     max_prompts: int = 0
     """Diagnose only the first N prompts of the file (0: all)."""
     max_length: int = 0
@@ -90,7 +93,7 @@ class PredictConfig:
     """ε of the smoothed training form (its optimum is drawn beside the pure one)."""
     openness: float | None = None
     """Openness o in [0, 1]: predict for the prompt-aware utility of a prompt with this openness (Box–Cox form,
-    spec §2.4) instead of --utility."""
+    docs/methods/reward_collapse.md §2.4) instead of --utility."""
     n: int = 8
     """Completions per prompt."""
     out: str = "runs/collapse-predict"
@@ -101,17 +104,18 @@ class PredictConfig:
 def _model_dir(rm: str) -> Path:
     path = Path(rm)
     if not path.exists():
-        raise FileNotFoundError(f"--rm {path} does not exist; train one with `rlxf rm --loss ranking`")
+        raise FileNotFoundError(f"--rm {path} does not exist; train one with `rlxf ranking-rm`")
     return path / "final" if (path / "final").is_dir() else path
 
 
 def training_config(model_dir: Path) -> dict[str, Any] | None:
-    """The `rlxf rm` config of the run that wrote `model_dir` (the engine's config.json in the run directory, the
-    parent of `final/`), or None. The model's own config.json (a Hugging Face config) is not it."""
+    """The `rlxf ranking-rm` or `rlxf rm` config of the run that wrote `model_dir` (the engine's config.json in the
+    run directory, the parent of `final/`), or None. Both configs record `loss` (the pairs trainer's is always
+    bradley_terry), which a model's own config.json (a Hugging Face config) does not have."""
     for candidate in (model_dir.parent / "config.json", model_dir / "config.json"):
         if candidate.is_file():
             data = json.loads(candidate.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and "loss" in data and "utility" in data:
+            if isinstance(data, dict) and "loss" in data and "train" in data:
                 return data
     return None
 
@@ -208,7 +212,7 @@ def run_diagnose(cfg: DiagnoseConfig) -> dict[str, Any]:
         "trained_loss": None if trained is None else trained.get("loss"),
         "utility_rule": name,
         "utility_source": "--utility" if cfg.utility else "training config",
-        "pairwise_accuracy": pairwise_accuracy(values, enc),
+        "pairwise_accuracy": ranking_pairwise_accuracy(values, enc),
     }
     shown = summary["prediction"]
     predictions = shown.get(ALL) if not summary["prompt_aware"] else {g: p for g, p in shown.items() if g != ALL}

@@ -4,8 +4,8 @@ Shapes: P prompts, K completions per prompt (ragged K is padded and marked by `m
 i is ranked above j when scores[i] > scores[j]; by default the columns are ordered best -> worst (the ranking row
 format), i.e. scores = −column index. Equal scores tie, and tied pairs are skipped.
 
-- `utility_ranking_loss`: the utility loss of Song et al. (arXiv:2305.17608), spec reward_collapse.md §2.2, with the
-  utility chosen per prompt inside the batch (the prompt-aware fix of reward collapse).
+- `utility_ranking_loss`: the utility loss of Song et al. (arXiv:2305.17608), docs/methods/reward_collapse.md §2.2,
+  with the utility chosen per prompt inside the batch (the prompt-aware fix of reward collapse).
 - `plackett_luce_loss` and `pairwise_bt_loss`: the usual listwise and pairwise losses on unbounded logits, for
   comparison (they have no finite optimum on separable data, so they fall outside the program P_n).
 """
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from rlxf.collapse.utilities import Utility
+from rlxf.losses import pairwise_accuracy
 
 Reduction = Literal["prompt", "pairs"]
 
@@ -55,7 +56,7 @@ def _pair_stats(values: Tensor, pairs: Tensor) -> dict[str, Tensor]:
     d = values[:, :, None] - values[:, None, :]  # (P, K, K)
     w = pairs.to(values.dtype)
     n = w.sum().clamp(min=1)
-    acc = (((d > 0).to(values.dtype) + 0.5 * (d == 0).to(values.dtype)) * w).sum() / n
+    acc = (pairwise_accuracy(values[:, :, None], values[:, None, :], reduction="none") * w).sum() / n
     return {"rewards/accuracies": acc, "rewards/margins": (d * w).sum() / n, "rewards/pairs": w.sum()}
 
 
@@ -66,7 +67,8 @@ def utility_ranking_loss(
     scores: Tensor | None = None,  # (P, K) higher is better; equal scores tie and their pair is skipped
     reduction: Reduction = "prompt",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Utility ranking loss L = (1/P) Σ_p (1/|Π_p|) Σ_{(i,j) ∈ Π_p} −Ũ_p(r_{p,i} − r_{p,j}) (spec §2.2).
+    """Utility ranking loss L = (1/P) Σ_p (1/|Π_p|) Σ_{(i,j) ∈ Π_p} −Ũ_p(r_{p,i} − r_{p,j})
+    (docs/methods/reward_collapse.md §2.2).
 
     Π_p holds prompt p's pairs with i ranked above j; Ũ_p is prompt p's ε-smoothed utility (Song et al.,
     arXiv:2305.17608: the ranking objective Σ U(r_i − r_j), made prompt-aware by choosing U per prompt). Each

@@ -5,16 +5,24 @@ but read here by our own pooling: the head is applied at every position, giving 
 sequence reward is the value at the last real token. Pooling goes by the attention mask, never by the pad id,
 so it is right with left or right padding and with a pad token equal to EOS.
 
-Shapes: B batch, T tokens, H hidden size.
+Scoring preference pairs (collate, rewards, held-out accuracy) lives here too, beside the model it runs, because the
+Bradley–Terry trainer (`rlxf.trainers.rm`) and `rlxf eval` both need it and evaluation must not depend on a trainer.
+
+Shapes: B batch (pairs), T tokens, H hidden size, R packed rows.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from rlxf.data.packing import pack_pairs
+from rlxf.data.tokenize import pad
+from rlxf.losses import bradley_terry_losses, pairwise_accuracy
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -83,3 +91,53 @@ def score_sequences(model: RewardModel, input_ids: Tensor, attention_mask: Tenso
     ]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+# ---- preference pairs ----------------------------------------------------------------------------------------------
+def collate_pairs(
+    rows: list[dict[str, Any]], pad_id: int, use_margin: bool, use_label_prob: bool, pack: bool = False
+) -> dict[str, Any]:
+    """2B right-padded sequences, chosen rows first (or the pairs packed, see `rlxf.data.packing`), plus per-pair margin
+    and soft label. `num_tokens` counts the tokens of the 2B sequences either way."""
+    batch: dict[str, Any] = {
+        "num_units": len(rows),
+        "num_tokens": sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+    }
+    if pack:
+        batch |= pack_pairs(rows, pad_id)
+    else:
+        seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
+        batch["input_ids"], batch["attention_mask"] = pad(seqs, pad_id, side="right")
+    if use_margin and any(r.get("margin") is not None for r in rows):
+        batch["margin"] = torch.tensor([float(r.get("margin") or 0.0) for r in rows])
+    if use_label_prob and any(r.get("label_prob") is not None for r in rows):
+        lp = [r.get("label_prob") for r in rows]
+        batch["label_prob"] = torch.tensor([1.0 if p is None else float(p) for p in lp])
+    return batch
+
+
+def pair_rewards(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Rewards of the chosen and rejected sequences of a `collate_pairs` batch: (B,), (B,)."""
+    if "last_index" in batch:  # packed pairs
+        values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (R, T)
+        return values.flatten()[batch["last_index"]].chunk(2)  # (R*T,) -> (2B,)
+    values = model(batch["input_ids"], batch["attention_mask"])  # (2B, T)
+    rewards = values.gather(-1, last_token_index(batch["attention_mask"])[:, None]).squeeze(-1)  # (2B,)
+    return rewards.chunk(2)
+
+
+@torch.no_grad()
+def evaluate_pairs(model: RewardModel, rows: list[dict[str, Any]], pad_id: int, batch_size: int, device) -> dict:
+    """Pairwise accuracy (ties count half) and mean BT loss over encoded pairs `rows` (hard labels), in eval mode."""
+    was_training = model.training
+    model.eval()
+    sums = {"acc": 0.0, "loss": 0.0}
+    for i in range(0, len(rows), batch_size):
+        batch = collate_pairs(rows[i : i + batch_size], pad_id, use_margin=False, use_label_prob=False)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        chosen, rejected = pair_rewards(model, batch)
+        sums["acc"] += pairwise_accuracy(chosen, rejected, reduction="sum").item()
+        sums["loss"] += bradley_terry_losses(chosen, rejected).sum().item()
+    model.train(was_training)
+    n = max(len(rows), 1)
+    return {"eval/pairwise_accuracy": sums["acc"] / n, "eval/bt_loss": sums["loss"] / n}

@@ -1,7 +1,11 @@
 """Reward-model training on preference pairs: Bradley–Terry with optional margins, soft labels and centring.
 
-Chosen and rejected sequences go through the model in one forward pass (2B rows, chosen first).
-Shapes: B pairs, L sequence length.
+Chosen and rejected sequences go through the model in one forward pass (2B rows, chosen first); collating and scoring
+pairs live in `rlxf.models.reward_model`, shared with `rlxf eval`. Rankings (K responses per prompt) have their own
+trainer and config, `rlxf.trainers.ranking_rm`: the two share no fields beyond the basics, so neither imports the
+other.
+
+Shapes: B pairs.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ from typing import Any, Literal
 import torch
 
 from rlxf.data.formats import load_preferences
-from rlxf.data.packing import check_packing_supported, pack_pairs
-from rlxf.data.tokenize import encode_preferences, pad
+from rlxf.data.packing import check_packing_supported
+from rlxf.data.tokenize import encode_preferences
 from rlxf.engine import Engine, TrainConfig
 from rlxf.hf import load_tokenizer
-from rlxf.losses import bradley_terry_losses, reward_centering_penalty
-from rlxf.models.reward_model import RewardModel, last_token_index
+from rlxf.losses import bradley_terry_losses, pairwise_accuracy, reward_centering_penalty
+from rlxf.models.reward_model import RewardModel, collate_pairs, evaluate_pairs, pair_rewards
 from rlxf.trainers.common import load_encoded
 
 logger = logging.getLogger(__name__)
@@ -50,60 +54,17 @@ class RewardModelConfig:
     pack: bool = True
     """Pack each micro-batch's pairs into rows without padding, each prompt computed once (same rewards, fewer
     token positions); needs the 'sdpa' or 'eager' attention implementation."""
-    loss: Literal["bradley_terry", "ranking", "plackett_luce", "pairwise_bt"] = "bradley_terry"
-    """'bradley_terry' trains on preference pairs. On ranking data (`responses` best → worst): 'ranking' sums a
-    utility U over all margins of rewards bounded in (0, 1) (reward-collapse paper), 'plackett_luce' is the
-    listwise likelihood, 'pairwise_bt' is unbounded Bradley–Terry over all pairs."""
-    utility: str = "log"
-    """U for loss=ranking: linear, log, inverse, power, neg_power, logsigmoid, or prompt_aware (per prompt:
-    `openness` if given, else closed → linear, open → inverse)."""
-    utility_gamma: float = 0.5
-    """γ of the power / neg_power utilities."""
-    utility_c: float = 4.0
-    """c of the logsigmoid utility log σ(c·x)."""
-    utility_eps: float = 0.1
-    """ε of the smoothed utilities (linear extension below 0)."""
-    ranking_reduction: Literal["prompt", "pairs"] = "prompt"
-    """Ranking losses: mean over each prompt's pairs then over prompts, or mean over all pairs of the batch."""
+    loss: Literal["bradley_terry"] = "bradley_terry"
+    """The only loss on pairs; recorded in the run's config.json, where `rlxf collapse diagnose` reads it. Ranking
+    losses (ranking, plackett_luce, pairwise_bt) are `rlxf ranking-rm`, which `rlxf rm --loss ranking` runs."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
-
-
-def collate_pairs(
-    rows: list[dict[str, Any]], pad_id: int, use_margin: bool, use_label_prob: bool, pack: bool = False
-) -> dict[str, Any]:
-    """2B right-padded sequences, chosen rows first (or the pairs packed, see `rlxf.data.packing`), plus per-pair margin
-    and soft label. `num_tokens` counts the tokens of the 2B sequences either way."""
-    batch: dict[str, Any] = {
-        "num_units": len(rows),
-        "num_tokens": sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
-    }
-    if pack:
-        batch |= pack_pairs(rows, pad_id)
-    else:
-        seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
-        batch["input_ids"], batch["attention_mask"] = pad(seqs, pad_id, side="right")
-    if use_margin and any(r.get("margin") is not None for r in rows):
-        batch["margin"] = torch.tensor([float(r.get("margin") or 0.0) for r in rows])
-    if use_label_prob and any(r.get("label_prob") is not None for r in rows):
-        lp = [r.get("label_prob") for r in rows]
-        batch["label_prob"] = torch.tensor([1.0 if p is None else float(p) for p in lp])
-    return batch
-
-
-def pair_rewards(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the chosen and rejected sequences: (B,), (B,)."""
-    if "last_index" in batch:  # packed pairs
-        values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (R, L)
-        return values.flatten()[batch["last_index"]].chunk(2)  # (R*L,) -> (2B,)
-    values = model(batch["input_ids"], batch["attention_mask"])  # (2B, L)
-    rewards = values.gather(-1, last_token_index(batch["attention_mask"])[:, None]).squeeze(-1)  # (2B,)
-    return rewards.chunk(2)
 
 
 def pair_loss_and_metrics(
     model: torch.nn.Module, batch: dict[str, Any], center_coef: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """BT loss (+ centring penalty) and metrics, each summed over the batch's pairs: the engine divides by pairs."""
     chosen, rejected = pair_rewards(model, batch)
     losses = bradley_terry_losses(chosen, rejected, batch.get("margin"), batch.get("label_prob"))
     metrics = {"loss/bt": losses.sum().detach()}
@@ -116,34 +77,18 @@ def pair_loss_and_metrics(
         "rewards/chosen": chosen.detach().sum(),
         "rewards/rejected": rejected.detach().sum(),
         "rewards/margins": margins.sum(),
-        "rewards/accuracies": ((margins > 0).float() + 0.5 * (margins == 0).float()).sum(),
+        "rewards/accuracies": pairwise_accuracy(chosen.detach(), rejected.detach(), reduction="sum"),
     }
     return losses.sum(), metrics
-
-
-@torch.no_grad()
-def evaluate_pairs(model: RewardModel, rows: list[dict[str, Any]], pad_id: int, batch_size: int, device) -> dict:
-    """Pairwise accuracy (ties count half) and mean BT loss over `rows` (hard labels)."""
-    was_training = model.training
-    model.eval()
-    sums = {"acc": 0.0, "loss": 0.0}
-    for i in range(0, len(rows), batch_size):
-        batch = collate_pairs(rows[i : i + batch_size], pad_id, use_margin=False, use_label_prob=False)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        chosen, rejected = pair_rewards(model, batch)
-        sums["acc"] += ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum().item()
-        sums["loss"] += bradley_terry_losses(chosen, rejected).sum().item()
-    model.train(was_training)
-    n = max(len(rows), 1)
-    return {"eval/pairwise_accuracy": sums["acc"] / n, "eval/bt_loss": sums["loss"] / n}
 
 
 def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None) -> dict[str, Any]:
     """Train a reward model on preference pairs; returns the metric history and the final evaluation."""
     if cfg.loss != "bradley_terry":
-        from rlxf.trainers.ranking_rm import train_ranking_reward_model
-
-        return train_ranking_reward_model(cfg, model)
+        raise ValueError(
+            f"loss={cfg.loss!r} is not Bradley–Terry on pairs; ranking losses train with rlxf.trainers.ranking_rm."
+            "train_ranking_reward_model(RankingRewardModelConfig(...)) (`rlxf ranking-rm`)"
+        )
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
         model = RewardModel.from_pretrained(cfg.model)
