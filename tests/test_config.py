@@ -103,26 +103,3 @@ def test_cli_reports_config_errors_cleanly(tmp_path):
     )
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "'lr'" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize(
-    "path, cls",
-    [
-        ("configs/sft_factworld.yaml", SFTConfig),
-        ("configs/rm_factworld.yaml", RewardModelConfig),
-        ("configs/dpo_factworld.yaml", None),
-    ],
-)
-def test_shipped_configs_load(path, cls):
-    import argparse
-    from pathlib import Path
-
-    from rlxf.config import add_config_arguments
-    from rlxf.trainers.dpo import DPOConfig
-
-    cls = cls or DPOConfig
-    root = Path(__file__).resolve().parents[1]
-    p = argparse.ArgumentParser()
-    add_config_arguments(p, cls)
-    cfg = config_from_args(cls, p.parse_args(["--config", str(root / path)]))
-    assert cfg.model and cfg.train.lr > 0 and cfg.train.batch_size % cfg.train.per_device_batch_size == 0
