@@ -523,6 +523,26 @@ class Engine:
             self.save_checkpoint()
         return logged
 
+    def snapshot(self) -> dict[str, Any]:
+        """A CPU copy of the model's and the optimiser's state, for `restore` (PPO takes one per rollout, so that a
+        non-finite update in the middle of a rollout leaves the model as it was before the rollout)."""
+        to_cpu = lambda x: x.detach().to("cpu", copy=True) if torch.is_tensor(x) else x  # noqa: E731
+        optimizer = self.optimizer.state_dict()
+        return {
+            "model": {k: to_cpu(v) for k, v in self.unwrap().state_dict().items()},
+            "optimizer": {
+                "state": {i: {k: to_cpu(v) for k, v in s.items()} for i, s in optimizer["state"].items()},
+                "param_groups": [dict(g) for g in optimizer["param_groups"]],
+            },
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Put back the model and optimiser state of `snapshot` (the optimiser moves its state to the parameters'
+        devices itself)."""
+        self.unwrap().load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _check_finite(self, value: Tensor, what: str) -> None:
         bad = (~torch.isfinite(value.detach())).float().reshape(())
         if self.world_size > 1:

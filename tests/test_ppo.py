@@ -199,3 +199,31 @@ def test_cli_runs_ppo_and_documents_every_option(tiny_model_dir, rl_prompts_file
         capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and "--reward" in bad.stderr
+
+
+def test_non_finite_update_mid_rollout_restores_the_rollouts_start(
+    tiny_model_dir, rl_prompts_file, tmp_path, monkeypatch
+):
+    """Update 3 of a rollout's 4 (2 epochs × 2 minibatches) gets a NaN loss: updates 1 and 2 were already applied in
+    memory, and the run must stop with the model exactly as before the rollout, saying so."""
+    import rlxf.trainers.ppo as ppo
+    from rlxf.engine import NonFiniteLossError
+
+    calls = {"n": 0}
+    real_loss = ppo.ppo_loss
+
+    def nan_on_third_update(model, batch, cfg, counts):
+        calls["n"] += 1
+        loss, metrics = real_loss(model, batch, cfg, counts)
+        return (loss * float("nan"), metrics) if calls["n"] == 3 else (loss, metrics)
+
+    monkeypatch.setattr(ppo, "ppo_loss", nan_on_third_update)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    # per_device_batch_size 2 prompts × k 4 = 8 responses: each minibatch of 8 is one micro-batch, one loss call
+    cfg = config(tiny_model_dir, rl_prompts_file, tmp_path, ppo_epochs=2, num_minibatches=2, train={"max_steps": 1})
+    with pytest.raises(NonFiniteLossError, match="update 3 of 4 of rollout 1.*as they were before this rollout"):
+        train_ppo(cfg, model=policy)
+    assert calls["n"] == 3
+    for name, value in policy.state_dict().items():
+        torch.testing.assert_close(value, start[name], rtol=0, atol=0, msg=name)

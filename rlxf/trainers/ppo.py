@@ -43,7 +43,7 @@ from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
 from rlxf.data.tokenize import encode_prompts, pad
-from rlxf.engine import Engine, TrainConfig
+from rlxf.engine import Engine, NonFiniteLossError, TrainConfig
 from rlxf.hf import load_tokenizer
 from rlxf.logprobs import token_logprobs
 from rlxf.models.reward_model import RewardModel, positions_from_mask
@@ -237,7 +237,9 @@ def rollout(
     """Steps 2-4 for one micro-batch of prompts: per-response lists (ids, rewards, old log-probs, values, KL, ...)."""
     # 2-3. sample k responses per prompt (samples of one prompt adjacent), token rewards through the reward
     # contract (column t = response token t), the gold score when a world is known
-    r = sample_rollout(engine.unwrap().policy, rows, tokenizer, cfg.k, cfg.generation, seed, source=source, world=world)
+    r = sample_rollout(
+        engine.unwrap().policy, rows, tokenizer, cfg.k, cfg.generation, seed, source=source, world=world
+    )
     prompt_ids, response_ids, texts = r.prompt_ids, r.response_ids, r.texts
     rewards = r.rewards  # (B, T)
     scores = rewards.sum(-1)  # (B,) task score, no KL: the label of credit assignment
@@ -439,26 +441,37 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
         micro_size = cfg.train.per_device_batch_size * cfg.k
         generator = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + engine.step) * 100 + engine.rank)
         metric_sums: dict[str, Tensor] = {}
-        updates = 0
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(n, generator=generator).tolist()
-            for m in range(cfg.num_minibatches):
-                idx = order[m * n // cfg.num_minibatches : (m + 1) * n // cfg.num_minibatches]
-                keep, mask = tensors["keep"][idx], tensors["response_mask"][idx]
-                counts = {
-                    "tokens": engine.global_sum(mask.sum()),
-                    "kept_tokens": engine.global_sum(keep.sum()),
-                    "sequences": engine.global_sum(len(idx)),
-                    "kept_sequences": engine.global_sum(keep.any(-1).sum()),
-                }
-                chunks = [idx[j : j + micro_size] for j in range(0, len(idx), micro_size)]
-                batches = [
-                    engine.to_device(collate_update(traj, tensors, chunk, tokenizer.pad_token_id)) for chunk in chunks
-                ]
-                sums, grad_norm = engine.update(batches, lambda b: ppo_loss(engine.model, b, cfg, counts), 1.0)
-                for k, v in sums.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v
-                updates += 1
+        updates, total_updates = 0, cfg.ppo_epochs * cfg.num_minibatches
+        # A non-finite update k of this rollout must not leave updates 1..k-1 applied: the rollout is all or nothing.
+        before = engine.snapshot() if total_updates > 1 else None
+        try:
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(n, generator=generator).tolist()
+                for m in range(cfg.num_minibatches):
+                    idx = order[m * n // cfg.num_minibatches : (m + 1) * n // cfg.num_minibatches]
+                    keep, mask = tensors["keep"][idx], tensors["response_mask"][idx]
+                    counts = {
+                        "tokens": engine.global_sum(mask.sum()),
+                        "kept_tokens": engine.global_sum(keep.sum()),
+                        "sequences": engine.global_sum(len(idx)),
+                        "kept_sequences": engine.global_sum(keep.any(-1).sum()),
+                    }
+                    chunks = [idx[j : j + micro_size] for j in range(0, len(idx), micro_size)]
+                    batches = [
+                        engine.to_device(collate_update(traj, tensors, chunk, tokenizer.pad_token_id))
+                        for chunk in chunks
+                    ]
+                    sums, grad_norm = engine.update(batches, lambda b: ppo_loss(engine.model, b, cfg, counts), 1.0)
+                    for k, v in sums.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v
+                    updates += 1
+        except NonFiniteLossError as e:
+            if before is not None:
+                engine.restore(before)
+            raise NonFiniteLossError(
+                f"{e} It happened in update {updates + 1} of {total_updates} of rollout {engine.step + 1}; the model, "
+                "the optimiser and the KL coefficient are as they were before this rollout."
+            ) from None
 
         # 8. the KL coefficient follows the rollout's mean per-response KL (over all processes)
         mean_kl = float(engine.global_sum(sum(float(x.sum()) for x in traj["kl"])) / engine.global_sum(n))
