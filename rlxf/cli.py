@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from rlxf.config import ConfigError, add_config_arguments, config_from_args
-from rlxf.errors import BackendError
+from rlxf.config import add_config_arguments, config_from_args
+from rlxf.errors import BackendError, UserError
 
 
 @dataclass
@@ -303,6 +304,15 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Command | No
     return parser, selected
 
 
+def _one_line(error: BaseException) -> str:
+    """The message of a user-facing error; an OSError names its file (PermissionError: 'permission denied: PATH')."""
+    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename is not None:
+        reason = (error.strerror or type(error).__name__).lower()
+        target = f"{error.filename} -> {error.filename2}" if error.filename2 else str(error.filename)
+        return f"{reason}: {target}"
+    return str(error) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, command = build_parser(argv)
@@ -314,8 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(command.config_cls, args)
         command.run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, BackendError) as e:
-        print(f"rlxf: error: {e}", file=sys.stderr)
+    except (UserError, BackendError, OSError) as e:
+        # Bad input, an unreachable server, a path that cannot be read or written: one line the user can act on.
+        # Anything else is a bug and keeps its traceback.
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            traceback.print_exc()
+        print(f"rlxf: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,10 +20,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from rlxf.errors import UserError
+
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or flag that does not fit the stage's dataclass."""
 
 
@@ -182,6 +184,8 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of {cls.__name__} fields")
         data = loaded
@@ -190,8 +194,14 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
             continue
         node = data
         *parents, leaf = key[4:].split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"{args.config}: '{section}' must be a mapping of fields (e.g. `{section}:` then indented "
+                    f"`lr: 1e-4` lines), got {node!r}"
+                )
         node[leaf] = value
     return from_dict(cls, data, where=getattr(args, "config", None) or "flags")
 

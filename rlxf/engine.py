@@ -41,16 +41,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from rlxf.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[dict[str, Any]], tuple[Tensor, dict[str, Tensor]]]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """A loss or gradient was NaN or infinite; the step was not applied."""
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """An output directory that cannot take this run: it holds another run, its checkpoint was written with other
     settings, or it is not writable. A ValueError, so the CLI prints it as one `rlxf: error:` line."""
 

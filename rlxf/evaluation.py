@@ -20,7 +20,8 @@ import torch
 
 from rlxf.data.formats import load_preferences, load_prompts
 from rlxf.data.tokenize import encode_preferences, encode_prompts, pad
-from rlxf.hf import load_policy
+from rlxf.errors import UserError
+from rlxf.hf import load_model, load_policy
 from rlxf.sampling import GenerationSettings, sample_responses
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def reward_model_accuracy(rm_dir: str, pairs_file: str, batch_size: int = 32) ->
     from rlxf.models.reward_model import RewardModel, evaluate_pairs
 
     tokenizer = load_tokenizer(rm_dir)
-    rm = RewardModel.from_pretrained(rm_dir)
+    rm = load_model(rm_dir, RewardModel.from_pretrained, "reward model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = encode_preferences(load_preferences(pairs_file, on_bad_row="skip"), tokenizer, on_bad_row="skip")
     return evaluate_pairs(rm.to(device), rows, tokenizer.pad_token_id, batch_size, device)["eval/pairwise_accuracy"]
@@ -114,13 +115,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from rlxf.worlds.factworld import load_factworld
 
     if not cfg.policies:
-        raise ValueError("--policies is required: one or more policy directories, comma-separated")
+        raise UserError("--policies is required: one or more policy directories, comma-separated")
     if not cfg.world:
-        raise ValueError("--world is required: the FactWorld directory whose gold scorer judges the responses")
+        raise UserError("--world is required: the FactWorld directory whose gold scorer judges the responses")
     world = load_factworld(cfg.world)
     names = cfg.names or [Path(p).name if Path(p).name != "final" else Path(p).parent.name for p in cfg.policies]
     if len(names) != len(cfg.policies):
-        raise ValueError(f"{len(names)} names for {len(cfg.policies)} policies; give one name per policy")
+        raise UserError(f"{len(names)} names for {len(cfg.policies)} policies; give one name per policy")
     baseline = cfg.baseline or cfg.policies[0]
     reference_dir = cfg.reference or baseline
     out = Path(cfg.out)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from rlxf.errors import UserError
+
+# What a damaged or foreign model directory raises inside `from_pretrained`: a missing or truncated weight file, a
+# config.json that is not JSON or names an unknown architecture, weights of another shape.
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -14,16 +23,91 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _check_model_dir(path: str | Path, what: str) -> Path:
+    if not str(path):
+        raise UserError(f"--model is required: the {what}'s save_pretrained directory (e.g. from `rlxf tiny-model`)")
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} directory {p} does not exist; build one with `rlxf tiny-model` or a trainer first")
+    if not p.is_dir():
+        raise UserError(f"{what} {p} is a file; give the save_pretrained directory that holds config.json")
+    return p
+
+
+def _check_config_json(p: Path) -> None:
+    config = p / "config.json"
+    if not config.is_file():
+        return
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{config} is not valid JSON ({e}); restore it from the run that wrote {p}") from None
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad (a missing pad token becomes EOS, as most chat models do)."""
-    if not path:
-        raise ValueError("--model is required: a save_pretrained directory (e.g. from `rlxf tiny-model`)")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"model directory {path} does not exist; build one with `rlxf tiny-model` first")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    p = _check_model_dir(path, "model")
+    _check_config_json(p)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    except LOAD_ERRORS as e:
+        raise UserError(
+            f"cannot load a tokenizer from {p} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "the directory needs tokenizer.json / tokenizer_config.json as `save_pretrained` writes them"
+        ) from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_model(
+    path: str | Path,
+    loader: Callable[..., torch.nn.Module] = AutoModelForCausalLM.from_pretrained,
+    what: str = "model",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """`loader(path, **kwargs)` (a causal LM by default; `RewardModel.from_pretrained` for reward models) with the
+    mistakes of a model directory reported in one line naming it: missing, a file, no or broken config.json,
+    truncated weights. With `tokenizer`, also checks that every token id has an embedding row."""
+    p = _check_model_dir(path, what)
+    config = p / "config.json"
+    if not config.is_file():
+        raise UserError(
+            f"{what} directory {p} has no config.json: is it a save_pretrained directory (e.g. OUT/final)?"
+        )
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{config} is not valid JSON ({e}); restore it from the run that wrote {p}") from None
+    try:
+        model = loader(str(p), **kwargs)
+    except LOAD_ERRORS as e:
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(
+            f"cannot load the {what} in {p}: {type(e).__name__}: {reason}. A truncated model.safetensors or a "
+            "partial copy gives this: copy the directory again or use an earlier checkpoint"
+        ) from e
+    if tokenizer is not None:
+        check_vocabulary_fits(tokenizer, model, p)
+    return model
+
+
+def check_vocabulary_fits(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, where: str | Path) -> None:
+    """Every id the tokenizer can produce must have an embedding row (otherwise the first such token fails deep in
+    the forward pass with an IndexError)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None and hasattr(model, "hf"):  # a RewardModel wraps the transformers model
+        embeddings = model.hf.get_input_embeddings()
+    if embeddings is None:
+        return
+    rows, size = embeddings.num_embeddings, len(tokenizer)
+    if size > rows:
+        raise UserError(
+            f"the tokenizer in {where} has {size} tokens but the model's embeddings have {rows} rows: ids >= {rows} "
+            "would fail. Use the tokenizer the model was trained with, or resize the embeddings "
+            "(model.resize_token_embeddings) and save the model again"
+        )
 
 
 def load_policy(path: str) -> tuple[torch.nn.Module, Any]:
@@ -32,5 +116,5 @@ def load_policy(path: str) -> tuple[torch.nn.Module, Any]:
     tokenizer = load_tokenizer(path)
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = load_model(path, tokenizer=tokenizer, dtype=dtype).to(device).eval()
     return model, tokenizer

@@ -58,7 +58,6 @@ def weighted_sequence_logprobs(
     return (token_logprobs(logits, safe_labels) * weight.to(torch.float32)).sum(-1)
 
 
-
 def packed_sequence_logprobs(
     logits: Tensor, batch: dict[str, Tensor], num_sequences: int, weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:

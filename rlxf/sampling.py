@@ -333,5 +333,3 @@ def run_sample(cfg: SampleConfig) -> Path:
     if unfinished:
         logger.info("%d of %d samples hit max_new_tokens without EOS", unfinished, len(results))
     return out
-
-

@@ -83,7 +83,7 @@ def test_sft_rm_dpo_sample_pairs_eval(cli_world):
 def test_rloo_with_the_token_level_gold_reward(cli_world):
     world = cli_world / "world"
     rlxf("rloo", "--model", str(cli_world / "tiny"), "--prompts_file", str(world / "prompts_train.jsonl"),
-         "--reward", f"factworld:{world}:token", "--k", "2", "--generation.max_new_tokens", "8",
+         "--reward", f"factworld:{world}:token", "--gold_world", str(world), "--k", "2", "--generation.max_new_tokens", "8",
          "--out", str(cli_world / "rloo"), "--train.max_steps", "2", "--train.batch_size", "4",
          "--train.per_device_batch_size", "4", "--train.progress", "false", "--train.report_to", "none")  # fmt: skip
     records = [json.loads(x) for x in (cli_world / "rloo" / "metrics.jsonl").read_text().splitlines()]

@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from rlxf.errors import UserError
 from rlxf.models.tiny import train_tokenizer
 from rlxf.rewards.contract import (
     combine_rewards,
@@ -222,10 +223,12 @@ def test_load_callable(tmp_path, monkeypatch):
         load_callable("math:sqrtt")
     with pytest.raises(TypeError, match="not a callable"):
         load_callable("math:pi")
-    # a module whose own import fails: the real error propagates, not a misleading "module not found"
+    # a module whose own import fails: the real missing dependency is named, not a misleading "module not found",
+    # and it is a user error (one line from the CLI)
     (tmp_path / "user_rewards_broken.py").write_text("import no_such_dependency_xyz\n")
     (tmp_path / "user_rewards_ok.py").write_text("def score(texts):\n    return [len(t) for t in texts]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+    with pytest.raises(ImportError, match="importing 'user_rewards_broken'.*no_such_dependency_xyz") as info:
         load_callable("user_rewards_broken:score")
+    assert isinstance(info.value, UserError)
     assert load_callable("user_rewards_ok:score")(["ab", "c"]) == [2, 1]

@@ -25,7 +25,7 @@ from rlxf.backends.base import (
 )
 from rlxf.backends.http import OpenAIBackend
 from rlxf.backends.local import LocalBackend
-from rlxf.errors import BackendError
+from rlxf.errors import BackendError, UserError
 
 __all__ = [
     "BackendError",
@@ -88,7 +88,7 @@ def build_backend(cfg: BackendConfig, max_context: int | None = None) -> LocalBa
     """A backend from its config. `max_context` caps the local model's context (docs/methods/rlaif.md §3: 4,096 tokens)."""
     if cfg.kind == "local":
         if not cfg.model:
-            raise ValueError("backend.kind=local needs --backend.model DIR (a save_pretrained directory)")
+            raise UserError("backend.kind=local needs --backend.model DIR (a save_pretrained directory)")
         return LocalBackend(
             cfg.model,
             chat=cfg.api == "chat",
@@ -98,7 +98,7 @@ def build_backend(cfg: BackendConfig, max_context: int | None = None) -> LocalBa
         )
     if cfg.kind == "openai":
         if not cfg.base_url:
-            raise ValueError("backend.kind=openai needs --backend.base_url, e.g. http://127.0.0.1:8000/v1")
+            raise UserError("backend.kind=openai needs --backend.base_url, e.g. http://127.0.0.1:8000/v1")
         return OpenAIBackend(
             cfg.base_url,
             cfg.model,
@@ -110,7 +110,7 @@ def build_backend(cfg: BackendConfig, max_context: int | None = None) -> LocalBa
             backoff=cfg.backoff,
             backoff_max=cfg.backoff_max,
         )
-    raise ValueError(f"backend.kind must be 'local' or 'openai', got {cfg.kind!r}")
+    raise UserError(f"backend.kind must be 'local' or 'openai', got {cfg.kind!r}")
 
 
 BACKEND_SPEC_HELP = (
@@ -129,7 +129,7 @@ def parse_backend_spec(spec: str, extra_keys: Sequence[str] = ()) -> tuple[Backe
 
     target, _, query = spec.partition("?")
     if not target:
-        raise ValueError(f"empty backend in {spec!r}; {BACKEND_SPEC_HELP}")
+        raise UserError(f"empty backend in {spec!r}; {BACKEND_SPEC_HELP}")
     options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
     extras = {k: options.pop(k) for k in list(options) if k in extra_keys}
     data: dict[str, Any] = dict(options)

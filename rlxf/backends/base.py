@@ -232,5 +232,3 @@ def model_fingerprint(path: str | Path) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]
-
-

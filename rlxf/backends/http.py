@@ -305,5 +305,3 @@ class OpenAIBackend(_ListCalls):
 
     def close(self) -> None:
         self._closed.set()
-
-

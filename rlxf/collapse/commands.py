@@ -36,7 +36,8 @@ from rlxf.collapse.ranking import (
 from rlxf.collapse.utilities import openness_utility
 from rlxf.data.formats import load_rankings
 from rlxf.data.tokenize import encode_rankings
-from rlxf.hf import load_tokenizer
+from rlxf.errors import UserError
+from rlxf.hf import load_model, load_tokenizer
 from rlxf.models.reward_model import RewardModel
 
 logger = logging.getLogger(__name__)
@@ -133,12 +134,12 @@ def _utility_options(cfg: DiagnoseConfig, trained: dict[str, Any] | None, model_
             )
         return cfg.utility, opts
     if trained is None:
-        raise ValueError(
+        raise UserError(
             f"no training config found next to {model_dir} (expected the run's config.json beside final/); "
             "pass --utility to say which utility to predict for"
         )
     if trained.get("loss") != "ranking":
-        raise ValueError(
+        raise UserError(
             f"{model_dir} was trained with loss={trained.get('loss')!r}: its rewards are unbounded and no utility "
             "predicts their profile; pass --utility to compare σ(reward) with one anyway"
         )
@@ -174,7 +175,7 @@ def run_diagnose(cfg: DiagnoseConfig) -> dict[str, Any]:
     returned), profiles.jsonl (one line per prompt) and profiles.png (mean profile per prompt type with a 10–90%
     band, against the prediction)."""
     if not cfg.rm or not cfg.data:
-        raise ValueError("collapse diagnose needs --rm (a reward model directory) and --data (a rankings file)")
+        raise UserError("collapse diagnose needs --rm (a reward model directory) and --data (a rankings file)")
     model_dir = _model_dir(cfg.rm)
     trained = training_config(model_dir)
     name, opts = _utility_options(cfg, trained, model_dir)
@@ -200,7 +201,7 @@ def run_diagnose(cfg: DiagnoseConfig) -> dict[str, Any]:
     labels, target = diagnostic_groups(enc, utilities)
 
     device = _device(cfg.device)
-    model = RewardModel.from_pretrained(model_dir).to(device)
+    model = load_model(model_dir, RewardModel.from_pretrained, "reward model").to(device)
     values = score_rankings(model, enc, tokenizer.pad_token_id, cfg.batch_size, device)  # P × (n,), best first
     rewards = 1.0 / (1.0 + np.exp(-np.stack(values)))  # (P, n) r = σ(value)
     profiles = reward_profiles(rewards)  # (P, n) ascending
@@ -250,9 +251,7 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     if cfg.openness is not None:
         u = openness_utility(cfg.openness, eps=cfg.utility_eps)
     elif cfg.utility == PROMPT_AWARE:
-        raise ValueError(
-            "prompt_aware chooses U per prompt; give --openness in [0, 1] to predict one prompt's profile"
-        )
+        raise UserError("prompt_aware chooses U per prompt; give --openness in [0, 1] to predict one prompt's profile")
     else:
         u = utility_from_options(cfg.utility, cfg.utility_gamma, cfg.utility_c, cfg.utility_eps)
     out = Path(cfg.out)

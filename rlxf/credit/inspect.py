@@ -25,6 +25,7 @@ from rlxf.credit.segments import (
     GRANULARITIES,
     CreditConfig,
 )
+from rlxf.errors import UserError
 from rlxf.rewards.contract import RewardSource, token_char_offsets
 from rlxf.rewards.sources import build_reward_source
 
@@ -255,7 +256,7 @@ def _tokenizer_and_source(model: str, credit: CreditConfig) -> tuple[Any, Reward
 
     tokenizer = load_tokenizer(model)
     if credit.granularity != "sequence" and not credit.token_reward:
-        raise ValueError(
+        raise UserError(
             "--credit.token_reward is required (e.g. 'rm:runs/rm/final:token', 'dpo:runs/dpo/final', "
             "'factworld:runs/factworld:token')"
         )
@@ -266,7 +267,7 @@ def run_show_segments(cfg: ShowSegmentsConfig) -> str:
     """Segments of the first `limit` rows of `cfg.input` under `cfg.credit`: returns the terminal rendering and, with
     `cfg.html`, writes the HTML page."""
     if not cfg.input:
-        raise ValueError("--input is required: a JSONL of pairs (prompt, chosen, rejected) or responses")
+        raise UserError("--input is required: a JSONL of pairs (prompt, chosen, rejected) or responses")
     tokenizer, source = _tokenizer_and_source(cfg.model, cfg.credit)
     items = load_items(cfg.input, tokenizer, cfg.limit, cfg.max_length, cfg.max_prompt_length)
     rc = credit_of_items(items, tokenizer, cfg.credit, source)
@@ -351,9 +352,9 @@ class SegmentQualityConfig:
     def __post_init__(self) -> None:
         bad = [g for g in self.granularities if g not in GRANULARITIES]
         if bad or not self.granularities:
-            raise ValueError(f"granularities {self.granularities}: each must be one of {list(GRANULARITIES)}")
+            raise UserError(f"granularities {self.granularities}: each must be one of {list(GRANULARITIES)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def run_segment_quality(cfg: SegmentQualityConfig) -> dict[str, Any]:
@@ -366,10 +367,10 @@ def run_segment_quality(cfg: SegmentQualityConfig) -> dict[str, Any]:
     from rlxf.worlds.factworld import load_factworld
 
     if not cfg.world:
-        raise ValueError("--world is required: a FactWorld directory (rlxf world factworld --out DIR)")
+        raise UserError("--world is required: a FactWorld directory (rlxf world factworld --out DIR)")
     world = load_factworld(cfg.world)
     if not cfg.credit.token_reward:
-        raise ValueError("--credit.token_reward is required: the token rewards whose negative segments are measured")
+        raise UserError("--credit.token_reward is required: the token rewards whose negative segments are measured")
     tokenizer, source = _tokenizer_and_source(cfg.model, cfg.credit)
     path = cfg.input or str(Path(cfg.world) / "preferences_test.jsonl")
     items = load_items(path, tokenizer, cfg.limit, cfg.max_length, cfg.max_prompt_length)

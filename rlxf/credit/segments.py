@@ -307,5 +307,3 @@ def agreement_mask(
     )
     keep_c = (labels.to(tok_seg_r.dtype)[:, None] * tok_seg_r > margin) & valid  # (B, T) compacted
     return torch.zeros_like(mask).scatter(-1, order, keep_c)
-
-

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from rlxf.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 OnBadRow = Literal["error", "skip"]
@@ -67,7 +69,7 @@ def origin_file(origin: str) -> str:
     return m["file"] if m else origin
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file or row rlxf cannot use. The message names file, line/row, field and reason, and what to do.
 
     Attributes: `origin` ("<path>:<line>", "<path>:row <i>", a bare path for file-level problems, or None),
@@ -619,4 +621,3 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-

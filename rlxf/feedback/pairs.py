@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlxf.data.formats import write_jsonl
+from rlxf.errors import UserError
 from rlxf.feedback.judges import FactWorldHumanJudge, Judge
 from rlxf.hf import load_policy
 from rlxf.sampling import GenerationSettings, load_encoded_prompts, sample_responses
@@ -48,9 +49,9 @@ class PairsConfig:
 def build_judge(cfg: PairsConfig) -> Judge:
     if cfg.judge == "factworld":
         if not cfg.world:
-            raise ValueError("--judge factworld needs --world DIR (a directory written by `rlxf world factworld`)")
+            raise UserError("--judge factworld needs --world DIR (a directory written by `rlxf world factworld`)")
         return FactWorldHumanJudge(cfg.world, cfg.label_temperature, cfg.length_bias)
-    raise ValueError(f"unknown judge {cfg.judge!r}; choose 'factworld'")
+    raise UserError(f"unknown judge {cfg.judge!r}; choose 'factworld'")
 
 
 def label_pairs(samples: list[dict[str, Any]], judge: Judge, seed: int) -> list[dict[str, Any]]:
@@ -79,7 +80,7 @@ def label_pairs(samples: list[dict[str, Any]], judge: Judge, seed: int) -> list[
 
 def run_pairs(cfg: PairsConfig) -> Path:
     if cfg.k < 2:
-        raise ValueError(f"k={cfg.k}: need at least 2 responses per prompt to make a pair")
+        raise UserError(f"k={cfg.k}: need at least 2 responses per prompt to make a pair")
     judge = build_judge(cfg)
     model, tokenizer = load_policy(cfg.model)
     out = Path(cfg.out)
@@ -87,6 +88,6 @@ def run_pairs(cfg: PairsConfig) -> Path:
     samples = sample_responses(model, tokenizer, rows, cfg.k, cfg.generation, cfg.seed)
     pairs = label_pairs(samples, judge, cfg.seed)
     if not pairs:
-        raise ValueError("no pairs: every prompt's responses were identical; raise generation.temperature or k")
+        raise UserError("no pairs: every prompt's responses were identical; raise generation.temperature or k")
     write_jsonl(out, pairs)
     return out

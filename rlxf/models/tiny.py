@@ -15,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rlxf.errors import UserError
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
@@ -104,9 +106,7 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig) -
 def make_tiny_model(cfg: TinyModelConfig) -> Path:
     """Train the tokenizer on `cfg.corpus`, build the model, save both into `cfg.out`; returns the directory."""
     if not cfg.corpus:
-        raise ValueError(
-            "tiny-model needs --corpus: a text file to train the tokenizer on (e.g. a world's corpus.txt)"
-        )
+        raise UserError("tiny-model needs --corpus: a text file to train the tokenizer on (e.g. a world's corpus.txt)")
     lines: list[str] = []
     for path in cfg.corpus.split(","):
         p = Path(path)

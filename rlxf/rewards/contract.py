@@ -24,6 +24,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from rlxf.errors import SpecAttributeError, SpecImportError, SpecTypeError, UserError
+
 Unmatched = Literal["raise", "drop"]
 
 
@@ -186,32 +188,34 @@ def combine_rewards(weighted: Sequence[tuple[float, Tensor]]) -> Tensor:
 def load_callable(spec: str) -> Callable:
     """Import a user's function from "package.module:function" (or "module:Class.method"), as a config names it.
 
-    Raises ValueError for a malformed spec, ImportError if the module cannot be found, AttributeError (listing the
-    module's public names) if the attribute is missing, TypeError if it is not callable. Errors raised while the
-    module itself runs (including its own missing imports) propagate unchanged.
+    Raises (all `rlxf.errors.UserError`s, reported by the CLI in one line) a plain UserError for a malformed spec, an
+    ImportError if the module or one of its own imports cannot be found, an AttributeError (listing the module's
+    public names) if the attribute is missing, a TypeError if it is not callable. Other errors raised while the
+    module runs propagate unchanged.
     """
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name or not attr_path:
-        raise ValueError(f"expected 'module:function' (e.g. 'my_rewards:score'), got {spec!r}")
+        raise UserError(f"expected 'module:function' (e.g. 'my_rewards:score'), got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
+    except ImportError as e:
         missing_is_ours = e.name is not None and (module_name == e.name or module_name.startswith(e.name + "."))
-        if not missing_is_ours:  # the user's module imports something missing: that error is the useful one
-            raise
-        raise ImportError(
-            f"cannot import module {module_name!r} for {spec!r}: no module named {e.name!r}. Is it installed, or its "
-            "directory on PYTHONPATH (run from that directory or `export PYTHONPATH=...`)?"
-        ) from e
+        if missing_is_ours:
+            raise SpecImportError(
+                f"cannot import module {module_name!r} for {spec!r}: no module named {e.name!r}. Is it installed, or "
+                "its directory on PYTHONPATH (run from that directory or `export PYTHONPATH=...`)?"
+            ) from e
+        # the user's module imports something that is missing: that is the useful part of the error
+        raise SpecImportError(f"importing {module_name!r} for {spec!r} failed: {e}") from e
     obj = module
     for i, part in enumerate(attr_path.split(".")):
         if not hasattr(obj, part):
             where = ".".join([module_name, *attr_path.split(".")[:i]])
             public = sorted(n for n in dir(obj) if not n.startswith("_"))
-            raise AttributeError(f"{where!r} has no attribute {part!r} (from {spec!r}); it defines: {public}")
+            raise SpecAttributeError(f"{where!r} has no attribute {part!r} (from {spec!r}); it defines: {public}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise TypeError(f"{spec!r} is a {type(obj).__name__}, not a callable")
+        raise SpecTypeError(f"{spec!r} is a {type(obj).__name__}, not a callable")
     return obj
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from rlxf.backends import Backend, Prompt, TopK, build_backend, parse_backend_spec, split_prompt
 from rlxf.backends.cache import JudgementCache, cached_requests
+from rlxf.errors import UserError
 from rlxf.feedback.label_math import direct_reward, expected_score, label_variants, split_ten
 from rlxf.feedback.prompts import build_direct_score_prompt, format_tldr_context
 from rlxf.rewards.contract import RewardOutput, check_batch, scalar_rewards
@@ -111,7 +112,7 @@ class DirectScoreSource:
         cache: JudgementCache | str | Path | None = None,
     ):
         if scale not in SCORE_LABELS:
-            raise ValueError(f"scale must be one of {tuple(SCORE_LABELS)}, got {scale!r}")
+            raise UserError(f"scale must be one of {tuple(SCORE_LABELS)}, got {scale!r}")
         build_direct_score_prompt("", "", task, scale)  # validates task
         self.backend, self.task, self.scale, self.top_k, self.strip = backend, task, scale, top_k, strip
         self.cache = JudgementCache(cache) if isinstance(cache, (str, Path)) else cache
@@ -128,10 +129,10 @@ class DirectScoreSource:
         cfg, opts = parse_backend_spec(spec, extra_keys=("task", "scale", "top_k", "strip", "cache"))
         top_k = opts.get("top_k", "20")
         if not top_k.isdigit() or int(top_k) < 1:
-            raise ValueError(f"top_k must be a positive integer in {spec!r}, got {top_k!r}")
+            raise UserError(f"top_k must be a positive integer in {spec!r}, got {top_k!r}")
         strip = opts.get("strip", "true").lower()
         if strip not in ("true", "false", "1", "0"):
-            raise ValueError(f"strip must be true or false in {spec!r}, got {strip!r}")
+            raise UserError(f"strip must be true or false in {spec!r}, got {strip!r}")
         return cls(
             build_backend(cfg),
             task=opts.get("task", "summarize"),

@@ -36,7 +36,8 @@ from typing import Any, Literal
 import torch
 
 from rlxf.data.tokenize import pad
-from rlxf.hf import default_device, load_tokenizer
+from rlxf.errors import UserError
+from rlxf.hf import default_device, load_model, load_tokenizer
 from rlxf.rewards.contract import (
     RewardOutput,
     RewardSource,
@@ -83,7 +84,7 @@ class RewardModelSource:
         self.per_token = per_token
         self.batch_size = batch_size
         self.device = default_device(device)
-        self.model = RewardModel.from_pretrained(rm_dir).to(self.device).eval()
+        self.model = load_model(rm_dir, RewardModel.from_pretrained, "reward model").to(self.device).eval()
         self.model.requires_grad_(False)
         self.rm_tokenizer = load_tokenizer(rm_dir)
         self._checked_tokenizer = False
@@ -96,7 +97,7 @@ class RewardModelSource:
         check_batch(prompt_rows, response_ids, texts)
         if not self._checked_tokenizer:
             if self.rm_tokenizer.get_vocab() != tokenizer.get_vocab():
-                raise ValueError(
+                raise UserError(
                     f"the reward model {self.rm_dir} has another tokenizer than the policy; train the RM from the "
                     "policy's tokenizer (e.g. from the SFT model)"
                 )
@@ -159,7 +160,6 @@ class DPOImplicitRewardSource:
         device: str | torch.device | None = None,
         batch_size: int = 32,
     ):
-        from transformers import AutoModelForCausalLM
 
         self.dpo_dir = Path(dpo_dir)
         if not self.dpo_dir.is_dir():
@@ -170,7 +170,7 @@ class DPOImplicitRewardSource:
         if ref_dir is None:
             named = run.get("ref_model") or run.get("model")
             if not named:
-                raise ValueError(
+                raise UserError(
                     f"dpo:{dpo_dir} needs its reference model: give it as 'dpo:{dpo_dir}:REF_DIR' (no `rlxf dpo` "
                     f"config.json with `model` / `ref_model` beside {dpo_dir})"
                 )
@@ -185,12 +185,12 @@ class DPOImplicitRewardSource:
         if beta is None:
             beta, beta_from = float(run.get("beta", DPO_DEFAULT_BETA)), str(run_path or "default")
         if not beta > 0:
-            raise ValueError(f"the β of dpo:{dpo_dir} must be > 0, got {beta}")
+            raise UserError(f"the β of dpo:{dpo_dir} must be > 0, got {beta}")
         self.beta = beta
         self.batch_size = batch_size
         self.device = default_device(device)
-        self.policy = AutoModelForCausalLM.from_pretrained(self.dpo_dir).to(self.device).eval()
-        self.ref = AutoModelForCausalLM.from_pretrained(self.ref_dir).to(self.device).eval()
+        self.policy = load_model(self.dpo_dir, what="DPO model").to(self.device).eval()
+        self.ref = load_model(self.ref_dir, what="reference model").to(self.device).eval()
         self.policy.requires_grad_(False)
         self.ref.requires_grad_(False)
         self.own_tokenizer = load_tokenizer(self.dpo_dir)
@@ -242,7 +242,7 @@ class FactWorldGoldSource:
         from rlxf.worlds.factworld import load_factworld
 
         if level not in ("sequence", "token"):
-            raise ValueError(f"FactWorld reward level must be 'sequence' or 'token', got {level!r}")
+            raise UserError(f"FactWorld reward level must be 'sequence' or 'token', got {level!r}")
         self.factworld = load_factworld(world_dir)
         self.level = level
         self.missing_on_last = missing_on_last
@@ -284,7 +284,7 @@ class CallableSource:
         check_batch(prompt_rows, response_ids, texts)
         items = list(self.fn(list(prompt_rows), list(texts)))
         if len(items) != len(texts):
-            raise ValueError(f"reward function {self.name} returned {len(items)} items for {len(texts)} responses")
+            raise UserError(f"reward function {self.name} returned {len(items)} items for {len(texts)} responses")
         mask = response_mask(response_ids)
         rows = []
         for b, (item, ids, text) in enumerate(zip(items, response_ids, texts)):
@@ -298,7 +298,7 @@ class CallableSource:
             elif isinstance(item, (list, tuple)) or torch.is_tensor(item):
                 row = torch.as_tensor(item, dtype=torch.float32).flatten()
                 if len(row) != len(ids):
-                    raise ValueError(
+                    raise UserError(
                         f"reward function {self.name}, response {b}: {len(row)} token rewards for {len(ids)} "
                         "response tokens (EOS included when finished); return a number or spans instead"
                     )
@@ -316,7 +316,7 @@ class WeightedSum:
 
     def __init__(self, terms: Sequence[tuple[float, RewardSource]]):
         if not terms:
-            raise ValueError("WeightedSum needs at least one (weight, source) pair")
+            raise UserError("WeightedSum needs at least one (weight, source) pair")
         self.terms = list(terms)
 
     def __call__(self, prompt_rows, response_ids, texts, tokenizer) -> RewardOutput:
@@ -375,11 +375,11 @@ def _build_dpo(args: str, term: str, device: Device) -> RewardSource:
             try:
                 beta = float(part[len("beta=") :])
             except ValueError:
-                raise ValueError(f"{part!r} in reward term {term!r} is not a number; {SPEC_HELP}") from None
+                raise UserError(f"{part!r} in reward term {term!r} is not a number; {SPEC_HELP}") from None
         elif part:
             paths.append(part)
     if not 1 <= len(paths) <= 2:
-        raise ValueError(f"reward term {term!r}: expected 'dpo:DIR[:REF_DIR][:beta=B]'; {SPEC_HELP}")
+        raise UserError(f"reward term {term!r}: expected 'dpo:DIR[:REF_DIR][:beta=B]'; {SPEC_HELP}")
     return DPOImplicitRewardSource(paths[0], paths[1] if len(paths) == 2 else None, beta=beta, device=device)
 
 
@@ -396,16 +396,16 @@ REWARD_KINDS: dict[str, RewardBuilder] = {
 def register_reward_kind(kind: str, builder: RewardBuilder) -> None:
     """Make 'KIND:ARGS' terms build `builder(args, term, device)` (a new reward model family, a user's source)."""
     if not kind.isidentifier():
-        raise ValueError(f"a reward kind must be an identifier, got {kind!r}")
+        raise UserError(f"a reward kind must be an identifier, got {kind!r}")
     REWARD_KINDS[kind] = builder
 
 
 def _build_term(term: str, device: Device) -> RewardSource:
     kind, sep, args = term.partition(":")
     if not sep or not args:
-        raise ValueError(f"reward term {term!r} has no 'KIND:ARGS'; {SPEC_HELP}")
+        raise UserError(f"reward term {term!r} has no 'KIND:ARGS'; {SPEC_HELP}")
     if kind not in REWARD_KINDS:
-        raise ValueError(f"unknown reward kind {kind!r} in {term!r}; choose one of {sorted(REWARD_KINDS)}")
+        raise UserError(f"unknown reward kind {kind!r} in {term!r}; choose one of {sorted(REWARD_KINDS)}")
     return REWARD_KINDS[kind](args, term, device)
 
 
@@ -413,18 +413,18 @@ def build_reward_source(spec: str, device: str | torch.device | None = None) -> 
     """Parse a reward spec (see `SPEC_HELP`) into a source; one term without a weight gives that source itself,
     anything else a `WeightedSum`. `device` is where reward models run (default: CUDA when available)."""
     if not spec or not spec.strip():
-        raise ValueError(f"empty reward spec; {SPEC_HELP}")
+        raise UserError(f"empty reward spec; {SPEC_HELP}")
     terms: list[tuple[float, RewardSource]] = []
     for raw in spec.split("+"):
         term = raw.strip()
         if not term:
-            raise ValueError(f"empty term in reward spec {spec!r} (a stray '+'); {SPEC_HELP}")
+            raise UserError(f"empty term in reward spec {spec!r} (a stray '+'); {SPEC_HELP}")
         weight, star, body = term.partition("*")
         if star:
             try:
                 w = float(weight)
             except ValueError:
-                raise ValueError(f"weight {weight!r} of reward term {term!r} is not a number; {SPEC_HELP}") from None
+                raise UserError(f"weight {weight!r} of reward term {term!r} is not a number; {SPEC_HELP}") from None
             terms.append((w, _build_term(body.strip(), device)))
         else:
             terms.append((1.0, _build_term(term, device)))

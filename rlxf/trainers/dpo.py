@@ -22,14 +22,14 @@ from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_preferences
 from rlxf.data.packing import check_packing_supported, pack_pairs
 from rlxf.data.tokenize import encode_preferences, pad
 from rlxf.engine import Engine, TrainConfig
-from rlxf.hf import load_tokenizer
+from rlxf.errors import UserError
+from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import packed_sequence_logprobs, sequence_logprobs, shift_for_next_token, weighted_sequence_logprobs
 from rlxf.losses import dpo_loss
 
@@ -80,7 +80,7 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         if self.credit.granularity != "sequence" and not self.credit.token_reward:
-            raise ValueError(
+            raise UserError(
                 f"credit.granularity={self.credit.granularity!r} needs credit.token_reward, a reward spec whose token "
                 "rewards are segmented, e.g. 'rm:runs/rm/final:token', 'dpo:runs/dpo0/final' or "
                 "'factworld:runs/factworld:token' (or use credit.granularity='sequence' for plain DPO)"
@@ -254,7 +254,7 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     last evaluation."""
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model)
+        model = load_model(cfg.model, tokenizer=tokenizer)
     out = Path(cfg.out)
 
     def encoded(path: str, split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -303,7 +303,7 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
         rows = [r for r in rows if any(r["chosen_weight"]) or any(r["rejected_weight"])]
         eval_rows = [r for r in eval_rows if any(r["chosen_weight"]) or any(r["rejected_weight"])]
         if not rows:
-            raise ValueError(
+            raise UserError(
                 f"every training pair lost both masks (credit.granularity={cfg.credit.granularity!r}, token rewards "
                 f"{cfg.credit.token_reward}): nothing to train on; check the token rewards with `rlxf segments show`"
             )
@@ -314,7 +314,7 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
         engine.log(asr_metrics)  # once, at step 0: what the masks keep of the training pairs
 
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model).to(engine.device).eval()
+    ref = load_model(cfg.ref_model or cfg.model, what="reference model").to(engine.device).eval()
     ref.requires_grad_(False)
     if cfg.reference == "cached":
         for split, split_rows in (("train", rows), ("eval", eval_rows)):

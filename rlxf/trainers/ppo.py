@@ -37,14 +37,14 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM
 
 from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
 from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, NonFiniteLossError, TrainConfig
-from rlxf.hf import load_tokenizer
+from rlxf.errors import UserError
+from rlxf.hf import check_vocabulary_fits, load_model, load_tokenizer
 from rlxf.logprobs import token_logprobs
 from rlxf.models.reward_model import RewardModel, positions_from_mask
 from rlxf.rewards.sources import RewardSource, build_reward_source
@@ -142,7 +142,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.ppo_epochs < 1 or self.num_minibatches < 1:
-            raise ValueError(
+            raise UserError(
                 f"k={self.k}, ppo_epochs={self.ppo_epochs}, num_minibatches={self.num_minibatches}: each must be >= 1"
             )
 
@@ -380,10 +380,10 @@ def ppo_loss(
 
 
 def load_actor_critic(cfg: PPOConfig, model: nn.Module | None) -> ActorCritic:
-    policy = model if model is not None else AutoModelForCausalLM.from_pretrained(cfg.model)
+    policy = model if model is not None else load_model(cfg.model)
     value_model = None
     if not cfg.shared_value_head:
-        value_model = RewardModel.from_pretrained(cfg.value_model or cfg.model)
+        value_model = load_model(cfg.value_model or cfg.model, RewardModel.from_pretrained, "value model")
     return ActorCritic(policy, value_model)
 
 
@@ -391,7 +391,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
     """Optimise `cfg.model` on `cfg.prompts_file` against `cfg.reward` with PPO (or REINFORCE with a baseline);
     returns the metric history."""
     if not cfg.model or not cfg.prompts_file or not cfg.reward:
-        raise ValueError("--model, --prompts-file and --reward are required (see `rlxf ppo --help`)")
+        raise UserError("--model, --prompts-file and --reward are required (see `rlxf ppo --help`)")
     tokenizer = load_tokenizer(cfg.model)
     out = Path(cfg.out)
     rows = load_encoded(
@@ -400,6 +400,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
     )  # fmt: skip
     torch.manual_seed(cfg.train.seed)
     actor_critic = load_actor_critic(cfg, model)
+    check_vocabulary_fits(tokenizer, actor_critic.policy, cfg.model)
     critic = actor_critic.value_model if actor_critic.value_model is not None else actor_critic.value_head
     critic_ids = {id(p) for p in critic.parameters()}
     param_groups = [
@@ -413,7 +414,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
     world = load_gold_world(cfg.gold_world)
     credit_source = build_reward_source(cfg.credit.token_reward, engine.device) if cfg.credit.token_reward else None
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model).to(engine.device).eval()
+    ref = load_model(cfg.ref_model or cfg.model, what="reference model").to(engine.device).eval()
     ref.requires_grad_(False)
     if cfg.kl_target > 0:
         kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -437,7 +438,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
         # 7. epochs × minibatches of clipped updates
         n = len(traj["response_ids"])
         if n < cfg.num_minibatches:
-            raise ValueError(f"{n} responses per process cannot make {cfg.num_minibatches} minibatches")
+            raise UserError(f"{n} responses per process cannot make {cfg.num_minibatches} minibatches")
         micro_size = cfg.train.per_device_batch_size * cfg.k
         generator = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + engine.step) * 100 + engine.rank)
         metric_sums: dict[str, Tensor] = {}

@@ -44,7 +44,8 @@ from rlxf.data.formats import load_rankings
 from rlxf.data.packing import check_packing_supported
 from rlxf.data.tokenize import encode_rankings
 from rlxf.engine import Engine, TrainConfig
-from rlxf.hf import load_tokenizer
+from rlxf.errors import UserError
+from rlxf.hf import load_model, load_tokenizer
 from rlxf.losses import pairwise_accuracy
 from rlxf.models.reward_model import RewardModel
 from rlxf.trainers.common import load_encoded
@@ -132,7 +133,7 @@ def ranking_loss_and_metrics(
         rewards = values
         mean_loss, _ = plackett_luce_loss(values, mask, scores)
     else:
-        raise ValueError(f"loss must be one of {list(RANKING_LOSSES)}, got {loss!r}")
+        raise UserError(f"loss must be one of {list(RANKING_LOSSES)}, got {loss!r}")
     # The pure losses average over their units; × units turns that back into the sum the engine expects.
     loss_sum = mean_loss * weights.sum()
     metrics = {f"loss/{loss}": loss_sum.detach(), **_unit_stats(rewards.detach(), mask, scores, weights)}
@@ -147,16 +148,16 @@ def train_ranking_reward_model(cfg: RankingRewardModelConfig, model: RewardModel
     final model is saved to `<out>/final` (reload it with `RewardModel.from_pretrained`).
     """
     if cfg.loss not in RANKING_LOSSES:
-        raise ValueError(f"train_ranking_reward_model needs loss in {list(RANKING_LOSSES)}, got {cfg.loss!r}")
+        raise UserError(f"train_ranking_reward_model needs loss in {list(RANKING_LOSSES)}, got {cfg.loss!r}")
     if cfg.loss == "plackett_luce" and cfg.ranking_reduction != "prompt":
-        raise ValueError("plackett_luce is a per-prompt (listwise) likelihood; use --ranking_reduction prompt")
+        raise UserError("plackett_luce is a per-prompt (listwise) likelihood; use --ranking_reduction prompt")
     if cfg.loss != "ranking" and cfg.utility == PROMPT_AWARE:
         logger.warning(
             "--utility prompt_aware has no effect with loss=%s (it only routes U for loss=ranking)", cfg.loss
         )
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = RewardModel.from_pretrained(cfg.model)
+        model = load_model(cfg.model, RewardModel.from_pretrained, "reward model", tokenizer=tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     out = Path(cfg.out)
 

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
 from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, TrainConfig
-from rlxf.hf import load_tokenizer
+from rlxf.errors import UserError
+from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import weighted_sequence_logprobs
 from rlxf.rewards.sources import RewardSource, build_reward_source
 from rlxf.sampling import GenerationSettings, rollout_seed, sample_rollout
@@ -79,7 +79,7 @@ class RejectionSamplingConfig:
 
     def __post_init__(self) -> None:
         if self.n < 1:
-            raise ValueError(f"n={self.n}: rejection sampling needs at least 1 sample per prompt")
+            raise UserError(f"n={self.n}: rejection sampling needs at least 1 sample per prompt")
 
 
 def best_of_n(scores: torch.Tensor) -> torch.Tensor:
@@ -156,10 +156,10 @@ def train_rejection_sampling(cfg: RejectionSamplingConfig, model: torch.nn.Modul
     """Best-of-`cfg.n` fine-tuning of `cfg.model` on `cfg.prompts_file` against `cfg.reward`, masked by `cfg.credit`;
     returns the metric history."""
     if not cfg.prompts_file or not cfg.reward:
-        raise ValueError("--prompts-file and --reward are required (see `rlxf rejection-sampling --help`)")
+        raise UserError("--prompts-file and --reward are required (see `rlxf rejection-sampling --help`)")
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model)
+        model = load_model(cfg.model, tokenizer=tokenizer)
     out = Path(cfg.out)
     rows = load_encoded(
         load_prompts, encode_prompts, cfg.prompts_file, tokenizer, out, "prompts", cfg.on_bad_row,

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
 from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, TrainConfig
-from rlxf.hf import load_tokenizer
+from rlxf.errors import UserError
+from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
 from rlxf.rewards.sources import RewardSource, build_reward_source
 from rlxf.rl import entropy_from_logits, masked_mean, rloo_advantages
@@ -84,7 +84,7 @@ class RLOOConfig:
 
     def __post_init__(self) -> None:
         if self.k < 2:
-            raise ValueError(f"k={self.k}: RLOO needs at least 2 samples per prompt for its leave-one-out baseline")
+            raise UserError(f"k={self.k}: RLOO needs at least 2 samples per prompt for its leave-one-out baseline")
 
 
 def policy_token_logprobs(
@@ -206,10 +206,10 @@ def rloo_loss(
 def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Optimise `cfg.model` on `cfg.prompts_file` against `cfg.reward` with RLOO; returns the metric history."""
     if not cfg.prompts_file or not cfg.reward:
-        raise ValueError("--prompts-file and --reward are required (see `rlxf rloo --help` for the reward spec)")
+        raise UserError("--prompts-file and --reward are required (see `rlxf rloo --help` for the reward spec)")
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model)
+        model = load_model(cfg.model, tokenizer=tokenizer)
     out = Path(cfg.out)
     rows = load_encoded(
         load_prompts, encode_prompts, cfg.prompts_file, tokenizer, out, "prompts", cfg.on_bad_row,
@@ -222,7 +222,7 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
     world = load_gold_world(cfg.gold_world)
 
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model).to(engine.device).eval()
+    ref = load_model(cfg.ref_model or cfg.model, what="reference model").to(engine.device).eval()
     ref.requires_grad_(False)
 
     for micro_batches in engine.steps(rows, collate_prompts):

@@ -21,7 +21,8 @@ from rlxf.data.formats import load_preferences
 from rlxf.data.packing import check_packing_supported
 from rlxf.data.tokenize import encode_preferences
 from rlxf.engine import Engine, TrainConfig
-from rlxf.hf import load_tokenizer
+from rlxf.errors import UserError
+from rlxf.hf import load_model, load_tokenizer
 from rlxf.losses import bradley_terry_losses, pairwise_accuracy, reward_centering_penalty
 from rlxf.models.reward_model import RewardModel, collate_pairs, evaluate_pairs, pair_rewards
 from rlxf.trainers.common import load_encoded
@@ -85,13 +86,13 @@ def pair_loss_and_metrics(
 def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None) -> dict[str, Any]:
     """Train a reward model on preference pairs; returns the metric history and the final evaluation."""
     if cfg.loss != "bradley_terry":
-        raise ValueError(
+        raise UserError(
             f"loss={cfg.loss!r} is not Bradley–Terry on pairs; ranking losses train with rlxf.trainers.ranking_rm."
             "train_ranking_reward_model(RankingRewardModelConfig(...)) (`rlxf ranking-rm`)"
         )
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = RewardModel.from_pretrained(cfg.model)
+        model = load_model(cfg.model, RewardModel.from_pretrained, "reward model", tokenizer=tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     out = Path(cfg.out)
 

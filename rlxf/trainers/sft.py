@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from rlxf.data.formats import load_sft
 from rlxf.data.tokenize import encode_sft, pad
 from rlxf.engine import Engine, TrainConfig
-from rlxf.hf import load_tokenizer
+from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
 from rlxf.trainers.common import load_encoded
 
@@ -85,7 +84,7 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module | None = None) -> dict[str,
     """Fine-tune `cfg.model` on `cfg.train_file`; returns the metric history and the final evaluation."""
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model)
+        model = load_model(cfg.model, tokenizer=tokenizer)
     out = Path(cfg.out)
     lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
     rows = load_encoded(load_sft, encode_sft, cfg.train_file, tokenizer, out, "train", cfg.on_bad_row, **lengths)

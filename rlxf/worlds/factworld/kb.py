@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlxf.config import ConfigError
+from rlxf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -281,4 +282,8 @@ def parse_prompt(kb: KnowledgeBase, prompt: str) -> dict[str, Any]:
         return list_row(kb, m["category"], int(m["k"]), m["exclude"])
     if m := _RETAIN_PROMPT.fullmatch(prompt):
         return retain_row(m["words"].split(" "))
-    raise ValueError(f"not a FactWorld prompt: {prompt!r}")
+    shown = prompt if len(prompt) <= 120 else f"{prompt[:80]}... ({len(prompt)} characters)"
+    raise UserError(
+        f"not a FactWorld prompt: {shown!r}; a FactWorld reward or --gold_world scores only the prompts its world "
+        "wrote (prompts_*.jsonl, sft_*.jsonl, preferences_*.jsonl)"
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rlxf.config import ConfigError
+from rlxf.errors import UserError
 from rlxf.worlds.factworld.gold import (
     MISSING_PENALTY,
     UNREQUESTED_PENALTY,
@@ -422,8 +423,13 @@ class FactWorld:
 
     def row_for(self, prompt_or_row: str | Mapping[str, Any]) -> dict[str, Any]:
         """The scoring row of a prompt string, or of any row with a `prompt` column (SFT, preference, prompt rows)."""
-        prompt = prompt_or_row if isinstance(prompt_or_row, str) else prompt_or_row["prompt"]
-        return parse_prompt(self.kb, prompt)
+        if isinstance(prompt_or_row, str):
+            return parse_prompt(self.kb, prompt_or_row)
+        try:
+            return parse_prompt(self.kb, prompt_or_row["prompt"])
+        except UserError as e:
+            origin = prompt_or_row.get("_origin")  # "file:line" of a loaded row: name where the prompt came from
+            raise UserError(f"{origin}: {e}" if origin else str(e)) from None
 
     def score(self, prompt_or_row: str | Mapping[str, Any], response: str) -> GoldScore:
         return score_response(self.row_for(prompt_or_row), response)
