@@ -368,12 +368,10 @@ def test_datasets_dict_dir_asks_for_a_split(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-
 def test_hh_rlhf_sample_errors_on_first_edge_case():
     with pytest.raises(DataError) as info:
         load_preferences(HH)
     assert f"{HH}, line 87, field 'chosen': empty response" in str(info.value)
-
 
 
 def test_hh_rlhf_sample_loads_with_skips(tmp_path, caplog):

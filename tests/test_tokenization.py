@@ -244,7 +244,6 @@ def test_pad_right_and_left_by_hand():
 # --------------------------------------------------------------------------------------------------------------
 
 
-
 def test_hh_rlhf_encodes_back_to_the_original_text(tok, tmp_path):
     rows = load_preferences(HH, on_bad_row="skip", rejected_path=tmp_path / "rej.jsonl")[:200]
     encoded = encode_preferences(rows, tok)
