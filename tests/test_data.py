@@ -192,15 +192,18 @@ def test_on_bad_row_is_validated(tmp_path):
         load_preferences(path, on_bad_row="ignore")
 
 
-def test_default_side_file_goes_to_cwd_not_input_dir(tmp_path, monkeypatch):
+def test_default_side_file_goes_to_cwd_not_input_dir(tmp_path, monkeypatch, caplog):
+    """From Python, the side file lands in the current directory; the warning says where and how to choose."""
     inputs, work = tmp_path / "inputs", tmp_path / "work"
     inputs.mkdir()
     work.mkdir()
     path = write_jsonl(inputs / "train.jsonl.gz", [GOOD["sft"], '{"prompt": "p"}'])
     monkeypatch.chdir(work)
     assert default_rejected_path(path) == work / "train.rejected.jsonl"
-    rows = load_sft(path, on_bad_row="skip")
+    with caplog.at_level("WARNING"):
+        rows = load_sft(path, on_bad_row="skip")
     assert len(rows) == 1
+    assert str(work / "train.rejected.jsonl") in caplog.text and "rejected_path=" in caplog.text
     assert [p.name for p in inputs.iterdir()] == ["train.jsonl.gz"]
     assert read_side_file(work / "train.rejected.jsonl")[0]["origin"] == f"{path}:2"
 

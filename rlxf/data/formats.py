@@ -173,7 +173,7 @@ class BadRowHandler:
         if self.num_rejected:
             by_reason = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items()))
             logger.warning(
-                "%s: skipped %d of %d %s (%s); appended them to %s",
+                "%s: skipped %d of %d %s (%s); appended them to %s (pass rejected_path= to choose the file)",
                 self.source,
                 self.num_rejected,
                 total,
@@ -583,7 +583,9 @@ def load_preferences(
     Rows without `prompt` are implicit-prompt pairs (Anthropic HH-RLHF format) and are split by
     `split_implicit_prompt`. Rejected: missing/null or wrongly typed fields, malformed messages, empty responses
     (after strip), chosen == rejected, non-finite numbers, out-of-range label_prob/openness, bad prompt_type,
-    implicit dialogues that differ before the last assistant turn. See the module docstring for `on_bad_row`.
+    implicit dialogues that differ before the last assistant turn. With `on_bad_row="skip"` skipped rows go to
+    `rejected_path`, by default `./<stem>.rejected.jsonl` in the CURRENT directory (the WARNING log names it; the
+    trainers pass their run directory). See the module docstring.
     """
     return _load(path, normalize_preference, "preference", on_bad_row, rejected_path)
 
@@ -592,7 +594,9 @@ def load_sft(
     path: str | os.PathLike, on_bad_row: OnBadRow = "error", rejected_path: str | os.PathLike | None = None
 ) -> list[dict[str, Any]]:
     """Load SFT rows: `prompt` + `completion`, or `messages` (normalised to prompt = all but the last message,
-    completion = [last, assistant, message]); extra columns are kept. See the module docstring for `on_bad_row`."""
+    completion = [last, assistant, message]); extra columns are kept. With `on_bad_row="skip"` skipped rows go to
+    `rejected_path`, by default `./<stem>.rejected.jsonl` in the CURRENT directory (the WARNING log names it; the
+    trainers pass their run directory). See the module docstring."""
     return _load(path, normalize_sft, "SFT", on_bad_row, rejected_path)
 
 
@@ -601,7 +605,9 @@ def load_rankings(
 ) -> list[dict[str, Any]]:
     """Load rankings: `prompt`, `responses` (best -> worst, at least 2) or `responses` + `scores` (one finite number
     per response; the row comes back sorted by score, highest first, `scores` kept), optional `prompt_type`,
-    `openness`; extra columns are kept. See the module docstring for `on_bad_row`."""
+    `openness`; extra columns are kept. With `on_bad_row="skip"` skipped rows go to
+    `rejected_path`, by default `./<stem>.rejected.jsonl` in the CURRENT directory (the WARNING log names it; the
+    trainers pass their run directory). See the module docstring."""
     return _load(path, normalize_ranking, "ranking", on_bad_row, rejected_path)
 
 
@@ -609,7 +615,9 @@ def load_prompts(
     path: str | os.PathLike, on_bad_row: OnBadRow = "error", rejected_path: str | os.PathLike | None = None
 ) -> list[dict[str, Any]]:
     """Load RL prompts: `prompt` + any metadata (kept as is; `prompt_type` / `openness`, when present, must be
-    valid). See the module docstring for `on_bad_row`."""
+    valid). With `on_bad_row="skip"` skipped rows go to
+    `rejected_path`, by default `./<stem>.rejected.jsonl` in the CURRENT directory (the WARNING log names it; the
+    trainers pass their run directory). See the module docstring."""
     return _load(path, normalize_prompt, "prompt", on_bad_row, rejected_path)
 
 
