@@ -13,7 +13,10 @@ Output rows are standard preference rows: `prompt`, `chosen` (the AI-preferred r
 P(chosen ≻ rejected) = max(p_a, 1 − p_a), plus diagnostics `p_a`, `p_first_ab`, `p_first_ba`, `same_position`,
 `valid`, `imputed`, `single_order`, `ai_prefers` ("a"/"b"), `human_agrees` (when the input was a human-labelled
 chosen/rejected pair, a = chosen), `rationale_ab` / `rationale_ba` (with CoT), `labeler`, `prompt_id`. Pairs that are
-invalid (no label token in either order) or too long for the labeller go to `<out>.dropped.jsonl` with a `reason`.
+invalid (no label token in either order), too long for the labeller, or whose answers were impossible log-probs
+(`invalid_answer`: NaN / inf / positive, asked again and never cached, `rlxf.backends.cache`) go to
+`<out>.dropped.jsonl` with a `reason`. A run that labels no pair at all stops with a BackendError (`rlxf: error:`,
+exit 2) naming the counts and what to change, after writing the dropped rows, metrics and stats.
 
 Nothing is lost: every backend answer is committed to an SQLite cache (`rlxf.backends.cache`) the moment it arrives,
 so a run killed at any point and started again asks only for what is missing; the output file is written at the end
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 from rlxf.backends import Backend, BackendConfig, Prompt, build_backend, split_prompt
 from rlxf.backends.cache import JudgementCache, cached_requests
 from rlxf.data.formats import _BadRow, _extras, _load, _required, _same_form, _text, normalize_preference, write_jsonl
+from rlxf.errors import BackendError, UserError
 from rlxf.feedback.label_math import (
     alignment,
     binomial_test_two_sided,
@@ -215,7 +219,7 @@ def build_template(cfg: LabelConfig) -> LabellingTemplate:
     if cfg.preamble_file:
         preamble = load_preamble(cfg.preamble_file, cfg.preamble_invert)
     elif cfg.preamble_invert:
-        raise ValueError(
+        raise UserError(
             "preamble_invert applies to preamble_file only; stored preambles carry their own flag (harmless inverts)"
         )
     elif cfg.preamble == "default":
@@ -225,7 +229,7 @@ def build_template(cfg: LabelConfig) -> LabellingTemplate:
     exemplars = load_exemplars(cfg.exemplars_file) if cfg.exemplars_file else ()
     cot = default.cot if cfg.cot is None else cfg.cot
     if cfg.self_consistency and not cot:
-        raise ValueError("self_consistency samples rationales, so it needs chain of thought: set --cot true")
+        raise UserError("self_consistency samples rationales, so it needs chain of thought: set --cot true")
     return LabellingTemplate(cfg.task, preamble, exemplars, cot)
 
 
@@ -273,6 +277,9 @@ class Judgement:
     """A label log-prob was imputed in some order (top-k list without it)."""
     too_long: bool
     """A prompt did not fit the labeller's context; the pair is skipped."""
+    invalid_answers: int = 0
+    """Requests of this pair that got no valid answer (NaN / inf / positive log-probs, more than all the mass) after
+    `rlxf.backends.cache.cached_requests` asked again; their orders count as invalid."""
     rationales_ab: list[str] = field(default_factory=list)
     rationales_ba: list[str] = field(default_factory=list)
 
@@ -309,7 +316,7 @@ class PairwiseLabeler:
         if tokenizer is not None:
             check_ending_tokenization(tokenizer, template.ending, LABELS)
         if self_consistency and not template.cot:
-            raise ValueError("self_consistency needs a chain-of-thought template (cot=True)")
+            raise UserError("self_consistency needs a chain-of-thought template (cot=True)")
         self.backend, self.template, self.cache = backend, template, cache
         self.k, self.missing, self.combine = k, missing, combine
         self.rationale_max_tokens = rationale_max_tokens
@@ -359,6 +366,7 @@ class PairwiseLabeler:
             return results
 
         too_long = [False] * len(orders)
+        bad_answers = [0] * len(orders)  # requests per order with no valid answer (not cached)
         rationales: list[list[str]] = [[] for _ in orders]
         scoring: list[list[Prompt | None]] = []  # (S, 2P)
         if t.cot:
@@ -367,7 +375,10 @@ class PairwiseLabeler:
                 prompts_s: list[Prompt | None] = []
                 for j, (o, res) in enumerate(zip(orders, run("generate", self._generate_params(s), step1))):
                     if "error" in res:
-                        too_long[j] = True
+                        if res["error"] == "too_long":
+                            too_long[j] = True
+                        else:
+                            bad_answers[j] += 1
                         prompts_s.append(None)
                         continue
                     rationale = clean_rationale(res["text"], t)
@@ -386,7 +397,10 @@ class PairwiseLabeler:
             results = run("logprobs", params, [prompts_s[j] for j in idx])
             for j, res in zip(idx, results):
                 if "error" in res:
-                    too_long[j] = True
+                    if res["error"] == "too_long":
+                        too_long[j] = True
+                    else:
+                        bad_answers[j] += 1
                     continue
                 read = label_logprobs_from_topk(res["top"], LABELS, self.missing)
                 logp[s, j] = torch.tensor(read.logprobs, dtype=torch.float64)
@@ -409,6 +423,7 @@ class PairwiseLabeler:
                     p_first_ba=float(first_ba[i]),
                     imputed=imputed[2 * i] or imputed[2 * i + 1],
                     too_long=long_i,
+                    invalid_answers=bad_answers[2 * i] + bad_answers[2 * i + 1],
                     rationales_ab=rationales[2 * i],
                     rationales_ba=rationales[2 * i + 1],
                 )
@@ -442,6 +457,7 @@ def label_metrics(judgements: Sequence[Judgement], human_prefers_a: Sequence[boo
         "n_valid": len(valid),
         "n_invalid": sum(not j.valid and not j.too_long for j in judgements),
         "n_too_long": sum(j.too_long for j in judgements),
+        "n_invalid_answers": sum(j.invalid_answers for j in judgements),
         "n_imputed": sum(j.imputed for j in valid),
         "n_single_order": int(single_order(p_ab, p_ba).sum()),
         "position_bias": bias,
@@ -512,12 +528,39 @@ def _output_row(row: dict[str, Any], j: Judgement, labeler: str, prompt_id: str,
     return out
 
 
+def nothing_labelled_message(dropped: Sequence[dict[str, Any]], cfg: LabelConfig, labeler: str, path: Path) -> str:
+    """Why a run labelled no pair (counts by reason) and what to change, as one line."""
+    counts: dict[str, int] = {}
+    for row in dropped:
+        counts[row["reason"]] = counts.get(row["reason"], 0) + 1
+    what = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+    advice = []
+    if counts.get("invalid"):
+        advice.append(
+            f"invalid = neither label token ({' / '.join(LABELS)}) was among the top {cfg.top_k} log-probs of either "
+            "order: raise --top_k (and the server's cap: vLLM --max-logprobs, rlxf serve --max_logprobs), use "
+            f"--missing upper_bound (now {cfg.missing}), or check that the prompt ends where the labeller writes the "
+            "label"
+        )
+    if counts.get("too_long"):
+        advice.append(
+            f"too_long = the prompt did not fit the labeller's context: raise --max_prompt_tokens (now "
+            f"{cfg.max_prompt_tokens}) up to the model's context, lower --rationale_max_tokens, or shorten the inputs"
+        )
+    if counts.get("invalid_answer"):
+        advice.append(
+            "invalid_answer = the backend returned impossible log-probs (NaN / inf / positive / more than all the "
+            "mass) every time it was asked: fix the server (nothing of it was cached) and re-run"
+        )
+    return f"labelled 0 of {len(dropped)} pairs with {labeler}: {what} (see {path}). " + "; ".join(advice)
+
+
 def run_label(cfg: LabelConfig) -> dict[str, Any]:
     """Label every pair of `cfg.input`; write the preference rows, metrics and stats; return a summary dict."""
     if not cfg.input:
-        raise ValueError("label needs --input FILE: pairs with prompt + response_a/response_b (or chosen/rejected)")
+        raise UserError("label needs --input FILE: pairs with prompt + response_a/response_b (or chosen/rejected)")
     if cfg.top_k < 1 or cfg.self_consistency < 0 or cfg.rationale_max_tokens < 1:
-        raise ValueError(
+        raise UserError(
             f"need top_k >= 1, self_consistency >= 0, rationale_max_tokens >= 1; got {cfg.top_k}, "
             f"{cfg.self_consistency}, {cfg.rationale_max_tokens}"
         )
@@ -573,7 +616,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         if j.valid:
             kept.append(_output_row(row, j, labeler, prompt_id, template.cot))
         else:
-            reason = "too_long" if j.too_long else "invalid"
+            reason = "too_long" if j.too_long else "invalid_answer" if j.invalid_answers else "invalid"
             dropped.append(
                 {
                     "prompt": row["prompt"],
@@ -581,6 +624,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
                     "response_b": row["response_b"],
                     "reason": reason,
                     "valid": False,
+                    "invalid_answers": j.invalid_answers,
                     "p_first_ab": _finite_or_none(j.p_first_ab),
                     "p_first_ba": _finite_or_none(j.p_first_ba),
                     "origin": row["_origin"],
@@ -591,7 +635,9 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     if dropped:
         write_jsonl(dropped_path, dropped)
         logger.warning(
-            "%d pairs dropped (too long for the labeller or no label token); see %s", len(dropped), dropped_path
+            "%d pairs dropped (too long for the labeller, no label token or no valid answer); see %s",
+            len(dropped),
+            dropped_path,
         )
 
     metrics = label_metrics(judgements, [r.get("_human_prefers_a") for r in rows])
@@ -616,6 +662,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         "requests_total": labeler_obj.requests_total,
         "requests_sent": labeler_obj.requests_sent,
         "requests_cached": labeler_obj.requests_total - labeler_obj.requests_sent,
+        "invalid_answers": metrics["n_invalid_answers"],
         "pairs": len(rows),
         "seconds": round(time.time() - start, 3),
     }
@@ -635,6 +682,8 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         stats["requests_cached"],
         stats["requests_total"],
     )
+    if rows and not kept:
+        raise BackendError(nothing_labelled_message(dropped, cfg, labeler, dropped_path))
     alignment_acc = (metrics["alignment"] or {}).get("accuracy")
     return {
         "out": str(out),
@@ -652,4 +701,5 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         "prompt_tokens": stats["prompt_tokens"],
         "completion_tokens": stats["completion_tokens"],
         "requests_cached": stats["requests_cached"],
+        "invalid_answers": stats["invalid_answers"],
     }
