@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import re
 import textwrap
 import types
 import typing
@@ -27,6 +28,33 @@ C = TypeVar("C")
 
 class ConfigError(UserError):
     """A config file or flag that does not fit the stage's dataclass."""
+
+
+_RANGE = re.compile(
+    r"^(?P<op>>=|>)(?P<lo>-?[0-9.]+)$|^(?P<left>[\[(])(?P<a>-?[0-9.]+),(?P<b>-?[0-9.]+)(?P<right>[\])])$"
+)
+
+
+def check_ranges(cfg: Any, rules: dict[str, str], prefix: str = "") -> None:
+    """Raise a ConfigError naming the first field of `cfg` outside its range, e.g. "beta must be > 0, got -1".
+
+    A rule is '>X' / '>=X' or an interval '[a,b]', '(a,b]', '[a,b)', '(a,b)'. NaN is never in range. `prefix` names a
+    nested section ('train.'). Called from the configs' `__post_init__`, so Python users get the same check."""
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        m = _RANGE.match(rule)
+        if m is None:
+            raise ValueError(f"bad range rule {rule!r} for {name}")
+        if m["op"]:
+            lo = float(m["lo"])
+            ok = value > lo if m["op"] == ">" else value >= lo
+            text = f"{'>' if m['op'] == '>' else '>='} {m['lo']}"
+        else:
+            a, b = float(m["a"]), float(m["b"])
+            ok = (value > a if m["left"] == "(" else value >= a) and (value < b if m["right"] == ")" else value <= b)
+            text = f"in {m['left']}{m['a']}, {m['b']}{m['right']}"
+        if not ok or (isinstance(value, float) and math.isnan(value)):
+            raise ConfigError(f"{prefix}{name} must be {text}, got {value!r}")
 
 
 def field_docs(cls: type) -> dict[str, str]:

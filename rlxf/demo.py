@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rlxf.config import check_ranges
 from rlxf.engine import TrainConfig
 from rlxf.evaluation import EvalConfig, markdown_table, run_eval
 from rlxf.feedback.pairs import PairsConfig, run_pairs
@@ -71,6 +72,31 @@ class DemoConfig:
     """Examples per optimiser step in every training stage."""
     progress: bool = True
     """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            {
+                "num_train_prompts": ">=1",
+                "num_test_prompts": ">=1",
+                "vocab_size": ">=16",
+                "hidden_size": ">=1",
+                "layers": ">=1",
+                "sft_epochs": ">0",
+                "sft_lr": ">0",
+                "pairs_per_prompt": ">=2",
+                "label_temperature": ">=0",
+                "rm_epochs": ">0",
+                "rm_lr": ">0",
+                "dpo_epochs": ">0",
+                "dpo_beta": ">0",
+                "dpo_lr": ">0",
+                "eval_samples_per_prompt": ">=1",
+                "max_new_tokens": ">=1",
+                "batch_size": ">=1",
+                "seed": ">=0",
+            },
+        )
 
 
 def run_demo(cfg: DemoConfig) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from rlxf.config import check_ranges
 from rlxf.data.formats import load_preferences, load_prompts
 from rlxf.data.tokenize import encode_preferences, encode_prompts, pad
 from rlxf.errors import UserError
@@ -55,6 +56,9 @@ class EvalConfig:
     """Longest prompt in tokens."""
     seed: int = 0
     """Seed of the sampling (the same for every policy)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"samples_per_prompt": ">=1", "max_prompt_length": ">=1", "seed": ">=0"})
 
 
 def win_rate_with_ci(outcomes: list[float]) -> tuple[float, float, float]:

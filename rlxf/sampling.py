@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from rlxf.config import check_ranges
 from rlxf.data.formats import write_jsonl
 from rlxf.data.tokenize import pad
 from rlxf.hf import load_policy
@@ -199,6 +200,9 @@ class SampleConfig:
     """Seed of the sampling."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"n": ">=1", "max_prompt_length": ">=1", "seed": ">=0"})
 
 
 def rollout_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:

@@ -103,3 +103,34 @@ def test_cli_reports_config_errors_cleanly(tmp_path):
     )
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "'lr'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "cls", "field", "value"),
+    [
+        ("rlxf.trainers.dpo", "DPOConfig", "beta", 0.0),
+        ("rlxf.trainers.dpo", "DPOConfig", "label_smoothing", 0.5),
+        ("rlxf.trainers.ppo", "PPOConfig", "gamma", 1.5),
+        ("rlxf.trainers.ppo", "PPOConfig", "clip_eps", -0.1),
+        ("rlxf.trainers.rloo", "RLOOConfig", "kl_coef", -1.0),
+        ("rlxf.trainers.sft", "SFTConfig", "max_length", 0),
+        ("rlxf.trainers.rm", "RewardModelConfig", "max_prompt_length", 0),
+        ("rlxf.credit.segments", "CreditConfig", "window", 0),
+        ("rlxf.feedback.pairs", "PairsConfig", "k", 1),
+        ("rlxf.sampling", "SampleConfig", "n", 0),
+        ("rlxf.evaluation", "EvalConfig", "samples_per_prompt", 0),
+        ("rlxf.models.tiny", "TinyModelConfig", "layers", 0),
+        ("rlxf.demo", "DemoConfig", "dpo_lr", -1e-4),
+        ("rlxf.backends", "BackendConfig", "timeout", 0.0),
+    ],
+)
+def test_out_of_range_settings_name_the_field(module, cls, field, value):
+    """Every config checks its numeric fields when built (from YAML, flags or Python) and names the field."""
+    import importlib
+
+    from rlxf.config import ConfigError
+
+    config_cls = getattr(importlib.import_module(module), cls)
+    config_cls()  # the defaults are in range
+    with pytest.raises(ConfigError, match=rf"^{field} must be"):
+        config_cls(**{field: value})

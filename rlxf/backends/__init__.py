@@ -25,6 +25,7 @@ from rlxf.backends.base import (
 )
 from rlxf.backends.http import OpenAIBackend
 from rlxf.backends.local import LocalBackend
+from rlxf.config import check_ranges
 from rlxf.errors import BackendError, UserError
 
 __all__ = [
@@ -82,6 +83,19 @@ class BackendConfig:
     """openai: delay before the first retry in seconds; doubled each retry (with jitter), capped at backoff_max."""
     backoff_max: float = 30.0
     """openai: longest delay between retries, in seconds."""
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            {
+                "batch_size": ">=1",
+                "max_concurrency": ">=1",
+                "timeout": ">0",
+                "max_retries": ">=0",
+                "backoff": ">=0",
+                "backoff_max": ">=0",
+            },
+        )
 
 
 def build_backend(cfg: BackendConfig, max_context: int | None = None) -> LocalBackend | OpenAIBackend:

@@ -34,6 +34,7 @@ from rlxf.collapse.ranking import (
     utility_from_options,
 )
 from rlxf.collapse.utilities import openness_utility
+from rlxf.config import check_ranges
 from rlxf.data.formats import load_rankings
 from rlxf.data.tokenize import encode_rankings
 from rlxf.errors import UserError
@@ -81,6 +82,20 @@ class DiagnoseConfig:
     device: str = "auto"
     """Torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."""
 
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            {
+                "utility_gamma": ">0",
+                "utility_c": ">0",
+                "utility_eps": ">=0",
+                "max_prompts": ">=0",
+                "max_length": ">=0",
+                "max_prompt_length": ">=0",
+                "batch_size": ">=1",
+            },
+        )
+
 
 @dataclass
 class PredictConfig:
@@ -99,6 +114,9 @@ class PredictConfig:
     """Completions per prompt."""
     out: str = "runs/collapse-predict"
     """Directory for predict.json and predict.png."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"utility_gamma": ">0", "utility_c": ">0", "utility_eps": ">=0", "n": ">=2"})
 
 
 # ---- diagnose ------------------------------------------------------------------------------------------------------

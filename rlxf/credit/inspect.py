@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rlxf.config import check_ranges
 from rlxf.credit.assign import ResponseCredit, assign_credit
 from rlxf.credit.segments import (
     GRANULARITIES,
@@ -135,6 +136,9 @@ class ShowSegmentsConfig:
     """Longest prompt + response in tokens, as in the trainers; longer prompts are cut from the left."""
     max_prompt_length: int = 192
     """Longest prompt in tokens."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"limit": ">=0", "max_length": ">=2", "max_prompt_length": ">=1"})
 
 
 _GREEN, _RED, _DIM, _BOLD, _CYAN, _RESET = "\x1b[32m", "\x1b[31m", "\x1b[2m", "\x1b[1m", "\x1b[36m", "\x1b[0m"
@@ -350,6 +354,7 @@ class SegmentQualityConfig:
     """Longest prompt in tokens."""
 
     def __post_init__(self) -> None:
+        check_ranges(self, {"batch_size": ">=1", "limit": ">=0", "max_length": ">=2", "max_prompt_length": ">=1"})
         bad = [g for g in self.granularities if g not in GRANULARITIES]
         if bad or not self.granularities:
             raise UserError(f"granularities {self.granularities}: each must be one of {list(GRANULARITIES)}")

@@ -31,6 +31,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from rlxf.config import check_ranges
+
 Granularity = Literal["sequence", "token", "step", "segment"]
 SegmentReduce = Literal["mean", "sum"]
 GRANULARITIES: tuple[str, ...] = ("sequence", "token", "step", "segment")
@@ -58,6 +60,7 @@ class CreditConfig:
     """Segments shorter than this many tokens are merged into a neighbour ('segment')."""
 
     def __post_init__(self) -> None:
+        check_ranges(self, {"tau_scale": ">=0", "window": ">=1", "min_len": ">=1"})
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity {self.granularity!r}: choose one of {list(GRANULARITIES)}")
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rlxf.config import check_ranges
 from rlxf.data.formats import write_jsonl
 from rlxf.errors import UserError
 from rlxf.feedback.judges import FactWorldHumanJudge, Judge
@@ -44,6 +45,9 @@ class PairsConfig:
     """Seed of the sampling and of the sampled labels."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"label_temperature": ">=0", "k": ">=2", "max_prompt_length": ">=1", "seed": ">=0"})
 
 
 def build_judge(cfg: PairsConfig) -> Judge:

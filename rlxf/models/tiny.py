@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rlxf.config import check_ranges
 from rlxf.errors import UserError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -49,6 +50,20 @@ class TinyModelConfig:
     """Longest sequence the model can see."""
     seed: int = 0
     """Seed of the weight initialisation."""
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            {
+                "vocab_size": ">=16",
+                "hidden_size": ">=1",
+                "layers": ">=1",
+                "heads": ">=1",
+                "intermediate_size": ">=1",
+                "max_position_embeddings": ">=2",
+                "seed": ">=0",
+            },
+        )
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:

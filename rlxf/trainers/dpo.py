@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from rlxf.config import check_ranges
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_preferences
 from rlxf.data.packing import check_packing_supported, pack_pairs
@@ -79,6 +80,16 @@ class DPOConfig:
     """Optimisation settings (engine)."""
 
     def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            {
+                "max_length": ">=2",
+                "max_prompt_length": ">=1",
+                "beta": ">0",
+                "label_smoothing": "[0,0.5)",
+                "sft_weight": ">=0",
+            },
+        )
         if self.credit.granularity != "sequence" and not self.credit.token_reward:
             raise UserError(
                 f"credit.granularity={self.credit.granularity!r} needs credit.token_reward, a reward spec whose token "

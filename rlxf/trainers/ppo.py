@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from rlxf.config import check_ranges
 from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
@@ -141,6 +142,22 @@ class PPOConfig:
     optimiser updates); the learning-rate schedule moves once per rollout."""
 
     def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            {
+                "max_prompt_length": ">=1",
+                "gamma": "[0,1]",
+                "lam": "[0,1]",
+                "clip_eps": ">0",
+                "value_clip_eps": ">0",
+                "vf_coef": ">=0",
+                "value_lr": ">=0",
+                "kl_coef": ">=0",
+                "kl_target": ">=0",
+                "kl_horizon": ">0",
+                "missing_eos_penalty": ">=0",
+            },
+        )
         if self.k < 1 or self.ppo_epochs < 1 or self.num_minibatches < 1:
             raise UserError(
                 f"k={self.k}, ppo_epochs={self.ppo_epochs}, num_minibatches={self.num_minibatches}: each must be >= 1"

@@ -40,6 +40,7 @@ from rlxf.collapse.ranking import (
     row_utilities,
     unit_weights,
 )
+from rlxf.config import check_ranges
 from rlxf.data.formats import load_rankings
 from rlxf.data.packing import check_packing_supported
 from rlxf.data.tokenize import encode_rankings
@@ -89,6 +90,18 @@ class RankingRewardModelConfig:
     """Mean over each prompt's pairs then over prompts, or mean over all pairs of the batch."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine); batch sizes count prompts, each with all its responses."""
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            {
+                "max_length": ">=2",
+                "max_prompt_length": ">=1",
+                "utility_gamma": ">0",
+                "utility_c": ">0",
+                "utility_eps": ">=0",
+            },
+        )
 
 
 # ---- loss and metrics ----------------------------------------------------------------------------------------------

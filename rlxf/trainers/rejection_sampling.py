@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from rlxf.config import check_ranges
 from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
@@ -78,6 +79,7 @@ class RejectionSamplingConfig:
     each) and per_device_batch_size prompts per sampling pass and winners per forward pass."""
 
     def __post_init__(self) -> None:
+        check_ranges(self, {"max_prompt_length": ">=1"})
         if self.n < 1:
             raise UserError(f"n={self.n}: rejection sampling needs at least 1 sample per prompt")
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from rlxf.config import check_ranges
 from rlxf.credit.assign import assign_credit, credit_counts, credit_metrics
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_prompts
@@ -83,6 +84,7 @@ class RLOOConfig:
     per_device_batch_size prompts per forward pass (k responses each)."""
 
     def __post_init__(self) -> None:
+        check_ranges(self, {"max_prompt_length": ">=1", "kl_coef": ">=0"})
         if self.k < 2:
             raise UserError(f"k={self.k}: RLOO needs at least 2 samples per prompt for its leave-one-out baseline")
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from rlxf.config import check_ranges
 from rlxf.data.formats import load_preferences
 from rlxf.data.packing import check_packing_supported
 from rlxf.data.tokenize import encode_preferences
@@ -60,6 +61,9 @@ class RewardModelConfig:
     losses (ranking, plackett_luce, pairwise_bt) are `rlxf ranking-rm`, which `rlxf rm --loss ranking` runs."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"max_length": ">=2", "max_prompt_length": ">=1", "center_rewards_coef": ">=0"})
 
 
 def pair_loss_and_metrics(

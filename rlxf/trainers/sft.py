@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 
+from rlxf.config import check_ranges
 from rlxf.data.formats import load_sft
 from rlxf.data.tokenize import encode_sft, pad
 from rlxf.engine import Engine, TrainConfig
@@ -40,6 +41,9 @@ class SFTConfig:
     """What a malformed or over-long row does: stop with an error, or be skipped and written to a side file."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, epochs=3.0))
     """Optimisation settings (engine)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"max_length": ">=2", "max_prompt_length": ">=1"})
 
 
 def collate_sft(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
