@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from rlxf.backends import Backend, BackendConfig, Prompt, build_backend, split_prompt
 from rlxf.backends.cache import JudgementCache, cached_requests
+from rlxf.config import check_ranges
 from rlxf.data.formats import _BadRow, _extras, _load, _required, _same_form, _text, normalize_preference, write_jsonl
 from rlxf.errors import BackendError, UserError
 from rlxf.feedback.label_math import (
@@ -128,6 +129,21 @@ class LabelConfig:
     """Show a progress bar with ETA, calls and tokens."""
     bias_warn: float = 0.25
     """Warn when the position-bias rate (share of pairs preferring the same slot in both orders) exceeds this."""
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            {
+                "rationale_max_tokens": ">=1",
+                "top_k": ">=1",
+                "self_consistency": ">=0",
+                "sc_temperature": ">=0",
+                "sc_top_k": ">=1",
+                "seed": ">=0",
+                "max_prompt_tokens": ">=1",
+                "bias_warn": "[0,1]",
+            },
+        )
 
 
 # --- input -----------------------------------------------------------------------------------------------------------
