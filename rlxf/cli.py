@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from rlxf.config import add_config_arguments, config_from_args
+from rlxf.config import add_config_arguments, config_from_args, suggest_field
 from rlxf.errors import BackendError, UserError
 
 
@@ -273,6 +273,14 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
 }
 
 
+def _command_words(argv: list[str]) -> list[str]:
+    """The one or two words that name the command ('sft', 'world factworld'), after the global --log-level."""
+    words = list(argv)
+    while words and words[0].startswith("--log-level"):  # the one global option may come before the command
+        words = words[1:] if "=" in words[0] else words[2:]
+    return [a for a in words[:2] if not a.startswith("-")]
+
+
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Command | None]:
     parser = argparse.ArgumentParser(
         prog="rlxf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -280,10 +288,8 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Command | No
     parser.add_argument("--log-level", default="INFO", help="Python logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     groups: dict[str, argparse._SubParsersAction] = {}
-    words = list(argv)
-    while words and words[0].startswith("--log-level"):  # the one global option may come before the command
-        words = words[1:] if "=" in words[0] else words[2:]
-    chosen = " ".join(a for a in words[:2] if not a.startswith("-"))
+    words = _command_words(argv)
+    chosen = " ".join(words)
     selected: Command | None = None
     for name, (help_text, factory) in COMMANDS.items():
         head, _, tail = name.partition(" ")
@@ -313,10 +319,30 @@ def _one_line(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _unknown_arguments(unknown: list[str], command: Command | None, argv: list[str]) -> int:
+    """`rlxf <command>: error: unrecognized arguments` with a "did you mean" per flag (TRL's names included)."""
+    words = _command_words(argv)
+    subcommand = " ".join(words) if " ".join(words) in COMMANDS else (words[0] if words else "")
+    hints = []
+    if command is not None:
+        for flag in (a for a in unknown if a.startswith("--")):
+            if suggestion := suggest_field(flag, command.config_cls):
+                hints.append(f"{flag.split('=', 1)[0]} -> --{suggestion}")
+    hint = f"; did you mean {', '.join(hints)}?" if hints else ""
+    print(
+        f"rlxf {subcommand}: error: unrecognized arguments: {' '.join(unknown)}{hint} "
+        f"(`rlxf {subcommand} --help` lists every option)",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, command = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        return _unknown_arguments(unknown, command, argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command is None:
         parser.print_help()

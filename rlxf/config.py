@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import math
 import re
@@ -57,6 +58,61 @@ def check_ranges(cfg: Any, rules: dict[str, str], prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{name} must be {text}, got {value!r}")
 
 
+TRL_NAMES: dict[str, str] = {
+    "model_name_or_path": "model",
+    "output_dir": "out",
+    "dataset_name": "train_file",
+    "train_dataset": "train_file",
+    "eval_dataset": "eval_file",
+    "learning_rate": "train.lr",
+    "per_device_train_batch_size": "train.per_device_batch_size",
+    "per_device_eval_batch_size": "train.per_device_batch_size",
+    "gradient_accumulation_steps": "train.batch_size",
+    "num_train_epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "warmup_steps": "train.warmup_steps",
+    "weight_decay": "train.weight_decay",
+    "lr_scheduler_type": "train.lr_schedule",
+    "max_grad_norm": "train.max_grad_norm",
+    "seed": "train.seed",
+    "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_checkpoints",
+    "resume_from_checkpoint": "train.resume",
+    "report_to": "train.report_to",
+    "bf16": "train.mixed_precision",
+    "fp16": "train.mixed_precision",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "num_generations": "k",
+    "max_completion_length": "generation.max_new_tokens",
+    "max_new_tokens": "generation.max_new_tokens",
+    "temperature": "generation.temperature",
+}
+"""TRL / transformers TrainingArguments names -> the rlxf field that does the same job (for "did you mean" hints;
+gradient_accumulation_steps maps to train.batch_size because rlxf derives accumulation from the total batch)."""
+
+
+def field_names(cls: type) -> list[str]:
+    """Every field of `cls` as a dotted flag name ('lr' of the nested `train` section is 'train.lr')."""
+    return [name for name, *_ in _flatten(cls)]
+
+
+def suggest_field(name: str, cls: type) -> str | None:
+    """The field a mistyped or TRL-style name probably meant, as a dotted name, or None."""
+    key = name.lstrip("-").split("=", 1)[0].replace("-", "_")
+    names = field_names(cls)
+    target = TRL_NAMES.get(key)
+    for candidate in (target, target.rsplit(".", 1)[-1]) if target else ():  # 'train.lr', or 'lr' inside `train:`
+        if candidate in names:
+            return candidate
+    leaf = {n.rsplit(".", 1)[-1]: n for n in names}  # 'lr' -> 'train.lr'
+    if key in leaf and leaf[key] != key:
+        return leaf[key]
+    close = difflib.get_close_matches(key, names + list(leaf), n=1, cutoff=0.75)
+    return leaf.get(close[0], close[0]) if close else None
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass (the string literal right after it)."""
     docs: dict[str, str] = {}
@@ -92,9 +148,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, args[0], where)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
-        return value
+        if value in choices:
+            return value
+        # choices are matched without regard to case ("SKIP" is "skip"), the spelling of the dataclass wins
+        folded = {c.lower(): c for c in choices if isinstance(c, str)}
+        if isinstance(value, str) and value.lower() in folded:
+            return folded[value.lower()]
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (str,)
         if isinstance(value, str):
@@ -141,7 +201,12 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
     known = {f.name: (f, tp) for f, tp in _resolved_fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(known)}")
+        hints = [f"{k!r} -> {s!r}" for k in unknown if (s := suggest_field(k, cls))]
+        hint = f"; did you mean {', '.join(hints)}?" if hints else ""
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown} for {cls.__name__}{hint} (valid keys: {sorted(known)}; nested "
+            "sections such as `train:` hold their own keys)"
+        )
     kwargs = {}
     for name, value in data.items():
         _, tp = known[name]
@@ -193,7 +258,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(
             *flags,
             dest=f"cfg:{name}",
-            metavar=_type_name(tp).upper(),
+            metavar=_type_name(tp) if typing.get_origin(tp) is typing.Literal else _type_name(tp).upper(),
             default=argparse.SUPPRESS,
             nargs="?" if tp is bool else None,
             const="true" if tp is bool else None,

@@ -134,3 +134,32 @@ def test_out_of_range_settings_name_the_field(module, cls, field, value):
     config_cls()  # the defaults are in range
     with pytest.raises(ConfigError, match=rf"^{field} must be"):
         config_cls(**{field: value})
+
+
+def test_trl_names_and_typos_get_a_did_you_mean(capsys, tmp_path):
+    """A TRL user's flags and YAML keys name the rlxf field that does the job, and the subcommand."""
+    from rlxf.cli import main
+
+    argv = ["sft", "--model", "m", "--learning_rate", "1e-4", "--output_dir", "o", "--num_train_epochs", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlxf sft: error: unrecognized arguments: --learning_rate 1e-4")
+    for hint in ("--learning_rate -> --train.lr", "--output_dir -> --out", "--num_train_epochs -> --train.epochs"):
+        assert hint in err
+    assert main(["dpo", "--bta", "0.1"]) == 2 and "--bta -> --beta" in capsys.readouterr().err
+    yaml_file = tmp_path / "trl.yaml"
+    yaml_file.write_text("model_name_or_path: m\ntrain:\n  learning_rate: 1.0e-4\n")
+    assert main(["sft", "--config", str(yaml_file)]) == 2
+    err = capsys.readouterr().err
+    assert "'model_name_or_path' -> 'model'" in err and "Traceback" not in err
+
+
+def test_choices_are_shown_and_accepted_in_any_case(capsys):
+    from rlxf.cli import build_parser
+    from rlxf.config import config_from_args
+
+    argv = ["dpo", "--loss_type", "IPO", "--on_bad_row", "Skip"]
+    parser, command = build_parser(argv)
+    cfg = config_from_args(command.config_cls, parser.parse_args(argv))
+    assert cfg.loss_type == "ipo" and cfg.on_bad_row == "skip"
+    assert "{sigmoid,ipo}" in parser._subparsers._group_actions[0].choices["dpo"].format_help()
