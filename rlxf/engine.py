@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlxf.errors import UserError
+from rlxf.hf import readable_files
 
 logger = logging.getLogger(__name__)
 
@@ -827,6 +828,7 @@ class Engine:
             (model if model is not None else self.unwrap()).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "trainer_state.json").write_text(json.dumps(self._state()))
+            readable_files(tmp)
             shutil.rmtree(backup, ignore_errors=True)
             if target.exists():
                 os.replace(target, backup)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,15 @@ def load_policy(path: str) -> tuple[torch.nn.Module, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model = load_model(path, tokenizer=tokenizer, dtype=dtype).to(device).eval()
     return model, tokenizer
+
+
+def readable_files(directory: str | Path) -> None:
+    """Give every file under `directory` the permissions the user's umask gives a new file (usually 0644).
+
+    transformers writes model.safetensors through a private temporary file (mode 0600), so a model saved by root or
+    in a shared directory would be unreadable to the other users that serve or evaluate it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

@@ -119,6 +119,10 @@ def test_resumed_finished_sft_run_exits_0_without_rewriting_final(tiny_model_dir
             "--train.progress", "false", "--train.report_to", "none"]  # fmt: skip
     assert main(args) == 0
     weights = tmp_path / "run" / "final" / "model.safetensors"
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "run" / "final").iterdir():  # readable like every other file (transformers wrote 0600)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
     mtime = weights.stat().st_mtime_ns
     assert main([*args, "--train.resume"]) == 0
     assert weights.stat().st_mtime_ns == mtime

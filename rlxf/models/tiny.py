@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rlxf.config import check_ranges
 from rlxf.errors import UserError
+from rlxf.hf import readable_files
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -134,4 +135,5 @@ def make_tiny_model(cfg: TinyModelConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
     model.save_pretrained(out)
+    readable_files(out)
     return out

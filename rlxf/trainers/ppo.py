@@ -45,7 +45,7 @@ from rlxf.data.formats import load_prompts
 from rlxf.data.tokenize import encode_prompts, pad
 from rlxf.engine import Engine, NonFiniteLossError, TrainConfig
 from rlxf.errors import UserError
-from rlxf.hf import check_vocabulary_fits, load_model, load_tokenizer
+from rlxf.hf import check_vocabulary_fits, load_model, load_tokenizer, readable_files
 from rlxf.logprobs import token_logprobs
 from rlxf.models.reward_model import RewardModel, positions_from_mask
 from rlxf.rewards.sources import RewardSource, build_reward_source
@@ -521,6 +521,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
             actor_critic = engine.unwrap()
             if actor_critic.value_model is not None:
                 actor_critic.value_model.save_pretrained(final / "value_model")
+                readable_files(final / "value_model")
             else:
                 torch.save(actor_critic.value_head.state_dict(), final / "value_head.pt")
     engine.close()
