@@ -51,3 +51,17 @@ def test_saved_reward_model_reloads_with_transformers(tiny_model_dir, tmp_path):
         torch.testing.assert_close(again.sequence_rewards(ids, mask), rm.sequence_rewards(ids, mask))
         # transformers' own pooling (last non-pad token, no padding here) agrees with ours
         torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits[:, 0], rm.sequence_rewards(ids, mask))
+
+
+def test_a_new_head_is_one_log_line_not_a_load_report(tiny_model_dir, caplog, capfd):
+    """Starting a reward model from a causal LM says in one line that the head is new (transformers' load report
+    table would be printed on every RM run)."""
+    import logging
+
+    from rlxf.models.reward_model import RewardModel
+
+    with caplog.at_level(logging.INFO, logger="rlxf.models.reward_model"):
+        RewardModel.from_pretrained(tiny_model_dir)
+    assert "reward head ['score.weight'] is new" in caplog.text
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err

@@ -13,16 +13,20 @@ Shapes: B batch (pairs), T tokens, H hidden size, R packed rows.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers.utils import logging as hf_logging
 
 from rlxf.data.packing import pack_pairs
 from rlxf.data.tokenize import pad
 from rlxf.losses import bradley_terry_losses, pairwise_accuracy
+
+logger = logging.getLogger(__name__)
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -56,7 +60,25 @@ class RewardModel(nn.Module):
         if config.pad_token_id is None:
             config.pad_token_id = config.eos_token_id
         config.num_labels = 1
-        return cls(AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs))
+        # transformers prints a table for the missing head of every causal-LM start; one line says it instead
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, output_loading_info=True, **kwargs
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        new = sorted(k for k in info["missing_keys"] if k.startswith("score."))
+        other = sorted(set(info["missing_keys"]) - set(new))
+        if new:
+            logger.info("reward head %s is new (initialised from scratch): %s holds a causal LM", new, path)
+        if other or info["mismatched_keys"]:
+            logger.warning(
+                "%s: weights missing %s and of another shape %s were initialised from scratch",
+                path, other, sorted(info["mismatched_keys"]),
+            )  # fmt: skip
+        return cls(model)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.hf.save_pretrained(path)
