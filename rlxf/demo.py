@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rlxf.config import check_ranges
 from rlxf.engine import TrainConfig
 from rlxf.evaluation import EvalConfig, markdown_table, run_eval
@@ -72,6 +74,8 @@ class DemoConfig:
     """Examples per optimiser step in every training stage."""
     progress: bool = True
     """Show progress bars."""
+    threads: int = 0
+    """CPU threads torch uses (torch.set_num_threads) in every stage; 0 keeps torch's default (one per core)."""
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -95,6 +99,7 @@ class DemoConfig:
                 "max_new_tokens": ">=1",
                 "batch_size": ">=1",
                 "seed": ">=0",
+                "threads": ">=0",
             },
         )
 
@@ -102,6 +107,8 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> Path:
     root = Path(cfg.runs_dir) / cfg.name
     root.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:  # sampling and evaluation run outside the engine, so the setting is made here for every stage
+        torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
 
     def stage(name: str):
@@ -120,6 +127,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             warmup_steps=10,
             seed=cfg.seed,
             progress=cfg.progress,
+            threads=cfg.threads,
             **kw,
         )
 

@@ -105,6 +105,9 @@ class TrainConfig:
     """Where metrics go besides metrics.jsonl."""
     progress: bool = True
     """Show a progress bar with ETA."""
+    threads: int = 0
+    """CPU threads torch uses for its kernels (torch.set_num_threads); 0 keeps torch's default (one per core).
+    On a shared or small machine 1-2 threads are often faster for tiny models."""
     dropout: bool = False
     """Keep the model's dropout layers active in training; off by default as TRL does (dropout makes the policy's
     log-probs noisy against the reference's, so DPO / PPO ratios do not start at 1)."""
@@ -129,6 +132,7 @@ class TrainConfig:
             "keep_checkpoints",
             "stop_after",
             "seed",
+            "threads",
         ):
             need(getattr(self, name) >= 0, name, "0 or more")
         for name in ("epochs", "lr"):
@@ -191,7 +195,7 @@ def disable_dropout(model: torch.nn.Module) -> int:
 # recomputed for the new length, which the engine warns about).
 RESUME_MAY_CHANGE = frozenset(
     {"resume", "overwrite", "stop_after", "max_steps", "epochs", "progress", "report_to", "log_every", "eval_every",
-     "save_every", "keep_checkpoints"}
+     "save_every", "keep_checkpoints", "threads"}
 )  # fmt: skip
 
 # A step's loss above LOSS_SPIKE_FACTOR × the median |loss| of the previous LOSS_WINDOW steps (at least
@@ -249,6 +253,9 @@ class Engine:
         if num_examples <= 0:
             raise ValueError("no training examples: check the data file and --on-bad-row")
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._started = time.time()
         self.out_dir = Path(out_dir)
         self._config = _jsonable(config_dict if config_dict is not None else {"train": asdict(cfg)})
         mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
@@ -620,6 +627,8 @@ class Engine:
         now = time.perf_counter()
         logged["train/lr"] = self.scheduler.get_last_lr()[0]
         logged["train/grad_norm"] = float(grad_norm)
+        logged["train/epoch"] = self.step * self.cfg.batch_size / self.num_examples  # passes over the data so far
+        logged["time/elapsed_s"] = time.time() - self._started  # wall clock of this process (a resume starts at 0)
         if self._tokens_since_log:
             logged["perf/tokens_per_s"] = (
                 self._tokens_since_log * self.world_size / max(now - self._last_log_time, 1e-9)
@@ -632,7 +641,7 @@ class Engine:
         self._bar.update(1)
         shown = {
             k.split("/")[-1]: f"{v:.4g}" for k, v in logged.items() if k.startswith(("loss/", "eval/", "rewards/"))
-        }
+        } | {"epoch": f"{logged['train/epoch']:.2f}"}
         self._bar.set_postfix(shown, refresh=False)
         return logged
 

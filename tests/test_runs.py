@@ -298,3 +298,15 @@ def test_dpo_starts_at_ln2_with_dropout_off(gpt2_dir, factworld_dir, tmp_path, d
         assert abs(first - math.log(2.0)) > 1e-4
     else:  # policy = reference, h = 0 for every pair
         assert first == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+def test_threads_setting_reaches_torch(tiny_model_dir, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        toy(tiny_model_dir, tmp_path, max_steps=1, threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="train.threads"):
+        TrainConfig(threads=-1)
