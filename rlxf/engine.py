@@ -120,7 +120,7 @@ class TrainConfig:
 
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"train.{name} must be {rule}, got {getattr(self, name)!r}")
+                raise UserError(f"train.{name} must be {rule}, got {getattr(self, name)!r}")
 
         for name in ("batch_size", "per_device_batch_size", "log_every"):
             need(getattr(self, name) >= 1, name, "at least 1")
@@ -143,7 +143,7 @@ class TrainConfig:
         need(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision", "auto, no, bf16 or fp16")
         need(self.report_to in ("tensorboard", "none"), "report_to", "tensorboard or none")
         if self.resume and self.overwrite:
-            raise ValueError("train.resume and train.overwrite exclude each other: continue the run or replace it")
+            raise UserError("train.resume and train.overwrite exclude each other: continue the run or replace it")
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -164,7 +164,7 @@ def several_cpu_processes() -> bool:
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     per_pass = cfg.per_device_batch_size * world_size
     if cfg.batch_size % per_pass:
-        raise ValueError(
+        raise UserError(
             f"batch_size={cfg.batch_size} is not a multiple of per_device_batch_size × processes = "
             f"{cfg.per_device_batch_size} × {world_size}; change one of them"
         )
@@ -251,7 +251,7 @@ class Engine:
         `config_dict`: the stage's whole config, saved with checkpoints and compared on resume."""
         cfg.validate()  # again: a config may have been changed after it was built
         if num_examples <= 0:
-            raise ValueError("no training examples: check the data file and --on-bad-row")
+            raise UserError("no training examples: check the data file and --on-bad-row")
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

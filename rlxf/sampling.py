@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from rlxf.config import check_ranges
 from rlxf.data.formats import write_jsonl
 from rlxf.data.tokenize import pad
+from rlxf.errors import UserError
 from rlxf.hf import load_policy
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class GenerationSettings:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
         ):
             if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from rlxf.credit.segments import CreditConfig, Segment, agreement_mask, batch_tau, segment, step_boundaries
+from rlxf.errors import UserError
 from rlxf.rewards.contract import RewardSource, response_mask, token_char_offsets
 
 
@@ -85,7 +86,7 @@ def assign_credit(
         token_rewards, _ = source(prompt_rows, response_ids, texts, tokenizer)
     if token_rewards is None:
         if credit.granularity != "sequence":
-            raise ValueError(f"granularity {credit.granularity!r} needs token rewards: pass a source or the rewards")
+            raise UserError(f"granularity {credit.granularity!r} needs token rewards: pass a source or the rewards")
         token_rewards = torch.zeros(mask.shape)
     token_rewards = token_rewards.detach().float().cpu()
     if token_rewards.shape[0] != mask.shape[0] or token_rewards.shape[1] < mask.shape[1]:

@@ -18,6 +18,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rlxf.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 OPEN_LENGTHS: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80)
@@ -57,7 +59,7 @@ def lengthworld_vocabulary(size: int) -> list[str]:
     """`size` distinct invented two-syllable words (consonant-vowel-consonant-vowel), the same for every seed."""
     words = [c1 + v1 + c2 + v2 for c1 in _CONSONANTS for v1 in _VOWELS for c2 in _CONSONANTS for v2 in _VOWELS]
     if not 2 <= size <= len(words):
-        raise ValueError(f"vocab_size must lie in [2, {len(words)}], got {size}")
+        raise UserError(f"vocab_size must lie in [2, {len(words)}], got {size}")
     random.Random(0).shuffle(words)  # a fixed vocabulary, so tokenizers trained on different seeds agree
     return sorted(words[:size])
 
@@ -66,7 +68,7 @@ def make_row(rng: random.Random, vocab: list[str], prompt_type: str, answer_word
     """One ranking row: a prompt with its type's suffix, and 8 word prefixes of a random gold answer, longest first."""
     lengths = OPEN_LENGTHS if prompt_type == "open" else CLOSED_LENGTHS
     if answer_words < max(lengths):
-        raise ValueError(f"answer_words must be at least the longest prefix ({max(lengths)}), got {answer_words}")
+        raise UserError(f"answer_words must be at least the longest prefix ({max(lengths)}), got {answer_words}")
     a, b = rng.sample(vocab, 2)
     prompt = f"{rng.choice(PROMPT_TEMPLATES).format(a=a, b=b)} {SUFFIX[prompt_type]}"
     answer = rng.choices(vocab, k=answer_words)

@@ -455,5 +455,5 @@ def load_factworld(out_dir: str | Path) -> FactWorld:
         raise FileNotFoundError(f"{path} not found; write the world first: rlxf world factworld --out {root}")
     data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}; regenerate the world")
+        raise UserError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}; regenerate the world")
     return FactWorld(config=FactWorldConfig(**data["config"]), kb=KnowledgeBase.from_json(data["kb"]), root=root)
