@@ -260,7 +260,12 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
     "serve": ("OpenAI-compatible HTTP server (completions, chat, log-probs) for a local HF model dir.", _serve),
     "sample": ("Sample n responses per prompt from a policy (batched, KV cache); writes JSONL.", _sample),
     "pairs": ("Sample k responses per prompt and label every pair with a judge; writes preference JSONL.", _pairs),
-    "eval": ("Gold win rate, hallucination, retain accuracy, length, KL (and RM accuracy) for policies.", _eval),
+    "eval": (
+        "Evaluate policies and reward models: with --world, gold win rate, hallucination, retain, length, KL; on any "
+        "data, RM pairwise accuracy (--reward_model --pairs_file), mean RM score and win rates judged by "
+        "--judge rm:DIR | openai:URL[:MODEL] | local:DIR | callable:module:function.",
+        _eval,
+    ),
     "collapse predict": (
         "Predicted reward profile (optimum of the ranking objective) for a utility; prints and plots.",
         _collapse_predict,
