@@ -564,7 +564,7 @@ COLUMNS = [
 """The gold table (with --world), unchanged."""
 
 EXTRA_COLUMNS = [
-    ("judge_win_rate", "win rate vs {baseline} ({judge}) [95% CI]"),
+    ("judge_win_rate", "judge win rate vs {baseline} [95% CI]"),
     ("judge_p_win", "mean P(≻ {baseline})"),
     ("rm_score", "RM score [95% CI]"),
     ("rm_score_std", "RM score sd"),
@@ -583,8 +583,7 @@ def _cell(m: dict[str, Any], key: str) -> str:
 def _table(summary: dict[str, Any], columns: list[tuple[str, str]]) -> list[str]:
     first = next(iter(summary["policies"].values()))
     columns = [(k, label) for k, label in columns if k in first]
-    judge = summary.get("judge", "")
-    header = [label.format(baseline=summary["baseline"], judge=judge) for _, label in columns]
+    header = [label.format(baseline=summary["baseline"]) for _, label in columns]
     lines = ["| policy | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for name, m in summary["policies"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(m, key) for key, _ in columns) + " |")
@@ -612,6 +611,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 lines += [""] + _table(summary, extra)
         else:
             lines = _table(summary, EXTRA_COLUMNS)
+    if "judge" in summary:
+        lines += ["", f"Judge: {summary['judge']} (win = P(policy ≻ {summary['baseline']}) > ½, ties ½)"]
     if "reward_model_pairwise_accuracy" in summary:
         lines.append("")
         line = f"Reward model pairwise accuracy on held-out pairs: {summary['reward_model_pairwise_accuracy']:.3f}"

@@ -368,7 +368,11 @@ def test_cli_policies_rm_score_and_http_judge(
                 "--generation.batch_size", "16", "--out", str(tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "eval.json").read_text())
-    assert "RM score [95% CI]" in proc.stdout and "win rate vs base" in proc.stdout
+    assert (
+        "RM score [95% CI]" in proc.stdout
+        and "judge win rate vs base [95% CI]" in proc.stdout
+        and "Judge: openai" in proc.stdout
+    )
     # the same samples and judgements as the in-process run over the same server
     _, judged = ai_judged["http"]
     assert [j["p_win"] for j in read_jsonl(tmp_path / "judge_sft.jsonl")] == pytest.approx(
