@@ -16,6 +16,12 @@ tokens (BOS), chat prompts with the chat template and no special tokens, as vLLM
 left in the context is clipped (finish_reason "length"); a prompt longer than the context is a 400 error naming the
 "maximum context length". One request runs on the model at a time: this server is for tests, demos and small labellers
 on loopback; label at scale with vLLM / SGLang / TGI / llama.cpp through the same client.
+
+Limits (ServeConfig, all answered in the OpenAI error format): a listen backlog of `backlog` connections (many clients
+connecting at once wait instead of being reset); a body over `max_body_bytes` is refused with 413 before it is read; a
+Content-Length that is not a non-negative integer is a 400; a client that sends nothing for `read_timeout` seconds
+(a stalled header or body) is dropped, a stalled body with a 408, so it holds its thread no longer than that; a
+completions request with more than `max_prompts` prompts is a 400.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 
 from rlxf.backends.base import apply_chat, topk_map
 from rlxf.backends.local import LocalBackend, decode_one
+from rlxf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,14 @@ class ServeConfig:
     """Torch device; empty = CUDA when available, else CPU."""
     ready_file: str = ""
     """When set, the base URL (http://host:port/v1) is written to this file once the server listens."""
+    max_body_bytes: int = 8 << 20
+    """Largest request body in bytes (default 8 MiB); a larger Content-Length is answered 413 without reading it."""
+    read_timeout: float = 30.0
+    """Seconds a client may send nothing (headers or body) before its connection is dropped (a body: 408)."""
+    max_prompts: int = 64
+    """Most prompts in one completions request (a list `prompt`); more is a 400 (send several requests)."""
+    backlog: int = 128
+    """Listen backlog: connections the kernel queues while the server accepts others (capped by net.core.somaxconn)."""
 
 
 class RequestError(Exception):
@@ -190,11 +205,28 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
 
 
 class OpenAIServer(ThreadingHTTPServer):
-    """A threading HTTP server that carries the engine its handlers use."""
+    """A threading HTTP server that carries the engine its handlers use and the request limits (ServeConfig)."""
 
     daemon_threads = True  # a stuck client never blocks shutdown
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], engine: ServeEngine):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        engine: ServeEngine,
+        *,
+        max_body_bytes: int = ServeConfig.max_body_bytes,
+        read_timeout: float = ServeConfig.read_timeout,
+        max_prompts: int = ServeConfig.max_prompts,
+        backlog: int = ServeConfig.backlog,
+    ):
+        if max_body_bytes < 1 or read_timeout <= 0 or max_prompts < 1 or backlog < 1:
+            raise ValueError(
+                f"need max_body_bytes >= 1, read_timeout > 0, max_prompts >= 1, backlog >= 1; got {max_body_bytes}, "
+                f"{read_timeout}, {max_prompts}, {backlog}"
+            )
+        self.request_queue_size = backlog  # read by server_activate (listen) inside super().__init__
+        self.max_body_bytes, self.read_timeout, self.max_prompts = max_body_bytes, read_timeout, max_prompts
         super().__init__(address, handler)
         self.engine = engine
 
@@ -223,8 +255,41 @@ class OpenAIHandler(BaseHTTPRequestHandler):
     ):
         self.send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
 
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout  # StreamRequestHandler: a socket time-out on every read and write
+        super().setup()
+
     def read_body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        """The request body, within the server's limits; raises RequestError (400 / 413 / 408) and marks the
+        connection to be closed when it cannot be read."""
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return b""
+        value = raw.strip()
+        if not value.isdigit() or not value.isascii():
+            self.close_connection = True  # the body's end is unknown: this connection cannot carry another request
+            raise RequestError(400, f"Content-Length must be a non-negative integer, got {raw[:40]!r}")
+        length = int(value)
+        limit = self.server.max_body_bytes
+        if length > limit:
+            self.close_connection = True  # the body is not read
+            raise RequestError(
+                413,
+                f"request body of {length} bytes is larger than this server's limit of {limit} bytes "
+                "(rlxf serve --max_body_bytes)",
+                kind="request_too_large",
+            )
+        try:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestError(
+                408, f"no data for {self.server.read_timeout:g}s while reading the request body", kind="timeout"
+            ) from None
+        if len(data) < length:
+            self.close_connection = True
+            raise RequestError(400, f"request body ended after {len(data)} of {length} bytes")
+        return data
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?")[0].rstrip("/")
@@ -239,8 +304,8 @@ class OpenAIHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?")[0].rstrip("/")
-        raw = self.read_body()
         try:
+            raw = self.read_body()
             try:
                 body = json.loads(raw)
             except ValueError as e:
@@ -277,6 +342,13 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise RequestError(400, "prompt must be a string or a non-empty list of strings", "prompt")
+        if len(prompts) > self.server.max_prompts:
+            raise RequestError(
+                400,
+                f"at most {self.server.max_prompts} prompts per request, got {len(prompts)}: send several requests "
+                "(rlxf serve --max_prompts)",
+                "prompt",
+            )
         params = _sampling(body, 16)
         k = _integer(body, "logprobs", None, 0, engine.max_logprobs)
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
@@ -365,17 +437,19 @@ def start_server(
     *,
     engine: ServeEngine | None = None,
     handler: type[BaseHTTPRequestHandler] = OpenAIHandler,
+    limits: dict[str, Any] | None = None,
     **engine_kwargs: Any,
 ) -> tuple[OpenAIServer, threading.Thread, str]:
     """Serve `model_dir` (or a ready `engine`) on a background thread; returns (server, thread, base URL ".../v1").
 
-    Stop it with `server.shutdown(); server.server_close()`. `handler` lets tests wrap the routes (fault injection).
+    Stop it with `server.shutdown(); server.server_close()`. `handler` lets tests wrap the routes (fault injection);
+    `limits` sets OpenAIServer's max_body_bytes / read_timeout / max_prompts / backlog (default: ServeConfig's).
     """
     if engine is None:
         if model_dir is None:
             raise ValueError("start_server needs model_dir or engine")
         engine = ServeEngine.load(model_dir, **engine_kwargs)
-    server = OpenAIServer((host, port), handler, engine)
+    server = OpenAIServer((host, port), handler, engine, **(limits or {}))
     thread = threading.Thread(target=server.serve_forever, name="rlxf-serve", daemon=True)
     thread.start()
     return server, thread, f"http://{host}:{server.server_address[1]}/v1"
@@ -384,9 +458,22 @@ def start_server(
 def run_serve(cfg: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
     if not cfg.model:
-        raise ValueError("serve needs --model DIR (a save_pretrained directory)")
+        raise UserError("serve needs --model DIR (a save_pretrained directory)")
+    if cfg.max_body_bytes < 1 or cfg.read_timeout <= 0 or cfg.max_prompts < 1 or cfg.backlog < 1:
+        raise UserError(
+            f"serve needs --max_body_bytes >= 1, --read_timeout > 0, --max_prompts >= 1, --backlog >= 1; got "
+            f"{cfg.max_body_bytes}, {cfg.read_timeout}, {cfg.max_prompts}, {cfg.backlog}"
+        )
     engine = ServeEngine.load(cfg.model, cfg.served_model_name, cfg.device or None, cfg.max_logprobs, cfg.max_context)
-    server = OpenAIServer((cfg.host, cfg.port), OpenAIHandler, engine)
+    server = OpenAIServer(
+        (cfg.host, cfg.port),
+        OpenAIHandler,
+        engine,
+        max_body_bytes=cfg.max_body_bytes,
+        read_timeout=cfg.read_timeout,
+        max_prompts=cfg.max_prompts,
+        backlog=cfg.backlog,
+    )
     url = f"http://{cfg.host}:{server.server_address[1]}/v1"
     if cfg.ready_file:
         tmp = Path(cfg.ready_file).with_name(Path(cfg.ready_file).name + ".tmp")
