@@ -129,7 +129,8 @@ class OpenAIBackend(_ListCalls):
         self.stats = BackendStats()
         self._closed = threading.Event()
         self.model = model or self._only_model()
-        # The cache key names the model, not the URL: a job can resume against a restarted server elsewhere.
+        # The cache key names the model and the endpoint (`rlxf.backends.cache.cache_key`): answers of another server
+        # with the same model name are not reused.
         self.model_id = self.model
 
     # -- HTTP with retries

@@ -94,6 +94,11 @@ def _context(row: Mapping[str, Any]) -> str:
     return as_text(row["prompt"]).strip()
 
 
+def _error_kind(result: Mapping[str, Any]) -> str:
+    """'invalid_answer' for an answer the cache refused, anything else counts as a prompt too long."""
+    return "invalid_answer" if result.get("error") == "invalid_answer" else "too_long"
+
+
 class DirectScoreSource:
     """d-RLAIF reward source: an LLM's expected 1–10 score of each response, mapped to [−1, 1], on its last token.
 
@@ -158,14 +163,23 @@ class DirectScoreSource:
         labels = list(SCORE_LABELS[self.scale])
         params = {"k": self.top_k, "labels": labels}
         results, _ = cached_requests(self.backend, self.cache, "logprobs", params, prompts)
-        too_long = [b for b, r in enumerate(results) if "error" in r]
-        if too_long:
-            self.n_too_long += len(too_long)
+        # An error result is a prompt too long for the labeller, or an answer that stayed invalid after re-asking
+        # (non-finite or impossible log-probs, `rlxf.backends.cache`): either way no score, reward 0.
+        for kind, what in (
+            ("too_long", "too long for the labeller"),
+            ("invalid_answer", "answered invalid log-probs"),
+        ):
+            failed = [b for b, r in enumerate(results) if "error" in r and _error_kind(r) == kind]
+            if not failed:
+                continue
+            if kind == "too_long":
+                self.n_too_long += len(failed)
             logger.warning(
-                "d-RLAIF: %d of %d prompts are too long for the labeller (%s); they get no score",
-                len(too_long),
+                "d-RLAIF: %d of %d prompts %s (%s); they get no score",
+                len(failed),
                 len(prompts),
-                results[too_long[0]]["message"],
+                what,
+                results[failed[0]].get("message", ""),
             )
         tops = [r.get("top", {}) for r in results]  # {} = no score token: s is NaN, the reward 0
         after_one: list[TopK | None] = [None] * len(prompts)
