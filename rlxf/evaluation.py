@@ -298,15 +298,19 @@ class LabellerJudge(Judge):
         template = build_template(label_cfg)
         self.backend = build_backend(backend_cfg, max_context=label_cfg.max_prompt_tokens)
         self.cache = JudgementCache(Path(cache_path)) if cache_path else None
-        self.labeler = PairwiseLabeler(
-            self.backend,
-            template,
-            cache=self.cache,
-            k=label_cfg.top_k,
-            missing=label_cfg.missing,
-            combine=label_cfg.combine,
-            rationale_max_tokens=label_cfg.rationale_max_tokens,
-        )
+        try:
+            self.labeler = PairwiseLabeler(
+                self.backend,
+                template,
+                cache=self.cache,
+                k=label_cfg.top_k,
+                missing=label_cfg.missing,
+                combine=label_cfg.combine,
+                rationale_max_tokens=label_cfg.rationale_max_tokens,
+            )
+        except BaseException:
+            self.close()
+            raise
         self.name = f"{self.backend.kind}:{self.backend.model_id} ({template_id(template)})"
 
     def __call__(self, prompts, a, b):
@@ -332,7 +336,7 @@ def parse_judge(
     called. `scorer(rm_dir)` gives the reward model of an 'rm:' judge (e.g. one already loaded)."""
     from rlxf.backends import parse_backend_spec
     from rlxf.config import from_dict
-    from rlxf.feedback.label import LabelConfig
+    from rlxf.feedback.label import LabelConfig, build_template
 
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
@@ -359,6 +363,7 @@ def parse_judge(
         backend_cfg.model = model
     cache = opts.pop("cache", "")
     label_cfg = from_dict(LabelConfig, {"task": "helpful", "cot": "false"} | opts, where=f"judge {spec!r}")
+    build_template(label_cfg)  # a bad preamble file or option fails now, not after the sampling
     return lambda: LabellerJudge(backend_cfg, label_cfg, cache)
 
 
@@ -513,8 +518,9 @@ def _evaluate_policies(cfg: EvalConfig, out: Path, scorer: Callable[[str], Rewar
                 results[name] |= _judge_metrics(p_win)
                 with (out / f"judge_{name}.jsonl").open("w", encoding="utf-8") as f:
                     for prompt, y, b, p in zip(sample_prompts, responses[name], responses[base_name], p_win):
-                        row = {"prompt": prompt, "response": y, "baseline_response": b, "p_win": p}
-                        f.write(json.dumps(row | {"outcome": outcome(p)}) + "\n")
+                        valid = not math.isnan(p)  # None = no valid judgement (too long, no label token)
+                        row = {"prompt": prompt, "response": y, "baseline_response": b, "p_win": p if valid else None}
+                        f.write(json.dumps(row | {"outcome": outcome(p) if valid else None}) + "\n")
         finally:
             judge.close()
 

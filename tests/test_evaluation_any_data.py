@@ -455,3 +455,22 @@ def test_world_gold_table_unchanged_by_the_new_metrics(
     assert "RM score [95% CI]" in "\n".join(more_md) and "RM score" not in "\n".join(plain_md)
     assert plain["reward_model_pairwise"]["n_pairs"] == len(read_jsonl(factworld_dir / "preferences_test.jsonl"))
     assert all("gold" in r for r in read_jsonl(tmp_path / "plain" / "responses_sft.jsonl"))
+
+
+def test_ai_judge_without_a_valid_answer_counts_nothing(tiny_model_dir):
+    """Prompts too long for the labeller give no judgement: left out of the win rate and counted."""
+    from rlxf.evaluation import _judge_metrics, judge_outcomes
+
+    judge = parse_judge(f"local:{tiny_model_dir}?{LABEL_OPTIONS}&max_prompt_tokens=8")()
+    try:
+        p = judge_outcomes(judge, ["the cat is", "a dog"], ["red cat", "blue"], ["green", "pear plum"])
+    finally:
+        judge.close()
+    assert all(math.isnan(x) for x in p)
+    m = _judge_metrics(p)
+    assert m["judge_n"] == 0 and m["judge_n_invalid"] == 2 and math.isnan(m["judge_win_rate"])
+
+
+def test_bad_preamble_file_fails_before_sampling(tmp_path):
+    with pytest.raises((UserError, OSError)):
+        parse_judge(f"local:{tmp_path}?preamble_file={tmp_path / 'missing.txt'}")
