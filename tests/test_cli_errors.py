@@ -123,3 +123,15 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", bug], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ValueError: internal bug" in proc.stderr
+
+
+def test_run_time_failures_are_one_line(capsys, tmp_path, tiny_model_dir, factworld_dir):
+    """A metrics file that is a directory (IsADirectoryError) and a non-finite gradient stop with one line each."""
+    argv = ["sft", "--model", str(tiny_model_dir), "--train_file", str(factworld_dir / "sft_train.jsonl")]
+    blocked = tmp_path / "blocked"
+    (blocked / "metrics.jsonl").mkdir(parents=True)
+    line = one_line_error(capsys, [*argv, "--out", str(blocked), *FAST])
+    assert "is a directory" in line and "metrics.jsonl" in line
+    line = one_line_error(capsys, [*argv, "--out", str(tmp_path / "nan"), *FAST, "--train.max_steps", "4",
+                                   "--train.lr", "1e30"])  # fmt: skip
+    assert "non-finite" in line and "no update was applied" in line
