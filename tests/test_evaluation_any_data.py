@@ -474,3 +474,22 @@ def test_ai_judge_without_a_valid_answer_counts_nothing(tiny_model_dir):
 def test_bad_preamble_file_fails_before_sampling(tmp_path):
     with pytest.raises((UserError, OSError)):
         parse_judge(f"local:{tmp_path}?preamble_file={tmp_path / 'missing.txt'}")
+
+
+def test_rm_reads_a_chat_prompt_response_as_the_assistant_turn(rm_dir):
+    """A response to a message-list prompt is scored as the assistant's turn of the chat template, ending at its EOS
+    (as the RM trains on chat pairs); a string prompt's response as plain text + EOS."""
+    from rlxf.evaluation import RewardModelScorer
+
+    scorer = RewardModelScorer(str(rm_dir))
+    tok = scorer.tokenizer
+    chat = [{"role": "user", "content": "What is the colour of Zorbin?"}]
+    got = scorer.score([chat, chat, "Q: the pet of Kalmo?\nA:"], [" red", " a cat", " dog"])
+    full = tok.apply_chat_template([*chat, {"role": "assistant", "content": " red"}], tokenize=False).rstrip()
+    ids = [tok.bos_token_id, *tok(full, add_special_tokens=False)["input_ids"]]
+    assert ids[-1] == tok.eos_token_id
+    x = torch.tensor([ids])
+    assert got[0] == pytest.approx(scorer.model.sequence_rewards(x, torch.ones_like(x)).item(), abs=1e-5)
+    assert got[2] == pytest.approx(direct_rm_scores(rm_dir, ["Q: the pet of Kalmo?\nA:"], [" dog"])[0], abs=1e-5)
+    assert got[0] != got[1]
+    assert scorer.score([chat], [" red"]) == got[:1]  # memoised: the same pair is scored once
