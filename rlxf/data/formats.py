@@ -25,6 +25,7 @@ The side file is opened in append mode and only created when a row is rejected; 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -326,16 +327,22 @@ def _messages(value: list[Any], field: str) -> list[dict[str, Any]]:
     return value
 
 
-def _text(value: Any, field: str, *, response: bool) -> str | list[dict[str, Any]]:
-    """A string or a message list; a response must hold some non-whitespace text."""
+EMPTY_HINT = (
+    "an empty reply can be a real signal (in HH-RLHF harmless-base it is a refusal): pass "
+    "allow_empty_responses=True (CLI: --allow_empty_responses true) to keep it"
+)
+
+
+def _text(value: Any, field: str, *, response: bool, allow_empty: bool = False) -> str | list[dict[str, Any]]:
+    """A string or a message list; a response must hold some non-whitespace text unless `allow_empty`."""
     if isinstance(value, str):
-        if response and not value.strip():
-            raise _BadRow("empty_response", field, "empty response (only whitespace)")
+        if response and not allow_empty and not value.strip():
+            raise _BadRow("empty_response", field, f"empty response (only whitespace); {EMPTY_HINT}")
         return value
     if isinstance(value, list):
         msgs = _messages(value, field)
-        if response and not "".join(m["content"] for m in msgs).strip():
-            raise _BadRow("empty_response", field, "empty response (its messages hold only whitespace)")
+        if response and not allow_empty and not "".join(m["content"] for m in msgs).strip():
+            raise _BadRow("empty_response", field, f"empty response (its messages hold only whitespace); {EMPTY_HINT}")
         return msgs
     raise _BadRow(
         "wrong_type", field, f"expected a string or a list of {{role, content}} messages, got {_type_name(value)}"
@@ -447,8 +454,10 @@ def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     raise _BadRow("mixed_formats", "rejected", "'chosen' and 'rejected' must both be strings or both message lists")
 
 
-def normalize_preference(row: dict[str, Any]) -> dict[str, Any]:
-    """Validate one preference row -> {prompt, chosen, rejected, [margin, label_prob, prompt_type, openness], ...}."""
+def normalize_preference(row: dict[str, Any], allow_empty_responses: bool = False) -> dict[str, Any]:
+    """Validate one preference row -> {prompt, chosen, rejected, [margin, label_prob, prompt_type, openness], ...}.
+
+    `allow_empty_responses` keeps a response that is empty or only whitespace (it is encoded as EOS alone)."""
     chosen = _text(_required(row, "chosen"), "chosen", response=False)
     rejected = _text(_required(row, "rejected"), "rejected", response=False)
     if row.get("prompt") is None:
@@ -456,8 +465,8 @@ def normalize_preference(row: dict[str, Any]) -> dict[str, Any]:
     else:
         prompt = _text(row["prompt"], "prompt", response=False)
     _same_form({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    _text(chosen, "chosen", response=True)
-    _text(rejected, "rejected", response=True)
+    _text(chosen, "chosen", response=True, allow_empty=allow_empty_responses)
+    _text(rejected, "rejected", response=True, allow_empty=allow_empty_responses)
     if chosen == rejected:
         raise _BadRow("identical_responses", "rejected", "'chosen' and 'rejected' are identical")
     out: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -471,12 +480,22 @@ def normalize_preference(row: dict[str, Any]) -> dict[str, Any]:
     return _extras(row, out, skip=("margin", "label_prob", "prompt_type", "openness"))
 
 
-def normalize_sft(row: dict[str, Any]) -> dict[str, Any]:
+ASSISTANT_TURNS: tuple[str, ...] = ("all", "last")
+
+
+def normalize_sft(
+    row: dict[str, Any], assistant_turns: str = "last", allow_empty_responses: bool = False
+) -> dict[str, Any]:
     """Validate one SFT row -> {prompt, completion, ...}.
 
-    A `messages` row (used when `completion` is absent) becomes prompt = all messages but the last, completion =
-    [last message], which must come from the assistant; earlier assistant turns are context, not trained on.
+    A `messages` row (used when `completion` is absent) must end with an assistant message. With
+    `assistant_turns="last"` it becomes prompt = all messages but the last, completion = [last message]: earlier
+    assistant turns are context, not trained on. With "all" it becomes prompt = the messages before the first
+    assistant message (at least one), completion = the rest: the encoder (`encode_sft`) then trains on every assistant
+    message of the completion and on none of the others (user, system, tool turns are masked out).
     """
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, got {assistant_turns!r}")
     if row.get("completion") is None and row.get("messages") is not None:
         messages = row["messages"]
         if not isinstance(messages, list):
@@ -486,13 +505,68 @@ def normalize_sft(row: dict[str, Any]) -> dict[str, Any]:
             raise _BadRow(
                 "malformed_messages", "messages", "needs at least 2 messages, the last one from the assistant"
             )
-        prompt, completion = messages[:-1], messages[-1:]
-        _text(completion, "messages", response=True)
+        cut = len(messages) - 1
+        if assistant_turns == "all":
+            cut = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            if cut == 0:
+                raise _BadRow(
+                    "malformed_messages",
+                    "messages",
+                    "the first message is from the assistant, so there is no prompt before the first assistant turn "
+                    "(assistant_turns='all'); start with a user or system message, or use assistant_turns='last'",
+                )
+        prompt, completion = messages[:cut], messages[cut:]
+        for i, m in enumerate(completion):
+            if m["role"] == "assistant":
+                _text([m], "messages", response=True, allow_empty=allow_empty_responses)
         return _extras(row, {"prompt": prompt, "completion": completion}, skip=("messages",))
+    if row.get("completion") is None and row.get("chosen") is not None:
+        raise _BadRow(
+            "missing_field",
+            "completion",
+            "missing required field (the row has 'chosen': for a preference file set from_preferences=True, "
+            "CLI: --from_preferences true, to train on prompt + chosen)",
+        )
     prompt = _text(_required(row, "prompt"), "prompt", response=False)
-    completion = _text(_required(row, "completion"), "completion", response=True)
+    completion = _text(_required(row, "completion"), "completion", response=True, allow_empty=allow_empty_responses)
     _same_form({"prompt": prompt, "completion": completion})
     return _extras(row, {"prompt": prompt, "completion": completion}, skip=())
+
+
+def normalize_sft_from_preference(row: dict[str, Any], allow_empty_responses: bool = False) -> dict[str, Any]:
+    """One preference row -> the SFT row {prompt, completion = chosen, ...}; `rejected` is not read (dropped).
+
+    With `prompt` the row is used as it is. Without it (implicit prompt, HH-RLHF) only `chosen` is split: a string at
+    its last "\n\nAssistant:" (prompt up to and including it), a message list before its last message (from the
+    assistant). So a pair whose dialogues differ before the last turn, useless as a pair, still gives an SFT row.
+    """
+    chosen = _text(_required(row, "chosen"), "chosen", response=False)
+    if row.get("prompt") is not None:
+        prompt = _text(row["prompt"], "prompt", response=False)
+    elif isinstance(chosen, str):
+        cut = chosen.rfind(HH_ASSISTANT_MARKER)
+        if cut < 0:
+            raise _BadRow(
+                "missing_field",
+                "prompt",
+                f"missing 'prompt', and 'chosen' holds no {HH_ASSISTANT_MARKER!r} turn to split an implicit prompt "
+                "from (HH-RLHF format)",
+            )
+        cut += len(HH_ASSISTANT_MARKER)
+        prompt, chosen = chosen[:cut], chosen[cut:]
+    else:
+        if len(chosen) < 2 or chosen[-1]["role"] != "assistant":
+            raise _BadRow(
+                "malformed_messages",
+                "chosen",
+                "no 'prompt' field, so this must be a whole conversation (at least 2 messages) ending in an "
+                "assistant message (implicit-prompt pair)",
+            )
+        prompt, chosen = chosen[:-1], chosen[-1:]
+    _same_form({"prompt": prompt, "chosen": chosen})
+    _text(chosen, "chosen", response=True, allow_empty=allow_empty_responses)
+    out: dict[str, Any] = {"prompt": prompt, "completion": chosen}
+    return _extras(row, out, skip=("chosen", "rejected"))
 
 
 def normalize_ranking(row: dict[str, Any]) -> dict[str, Any]:
@@ -575,7 +649,11 @@ def _load(
 
 
 def load_preferences(
-    path: str | os.PathLike, on_bad_row: OnBadRow = "error", rejected_path: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    on_bad_row: OnBadRow = "error",
+    rejected_path: str | os.PathLike | None = None,
+    *,
+    allow_empty_responses: bool = False,
 ) -> list[dict[str, Any]]:
     """Load preference pairs: `prompt`, `chosen`, `rejected` + optional `margin`, `label_prob` (in [0, 1]),
     `prompt_type` ("open"/"closed"), `openness` (in [0, 1]); extra columns are kept.
@@ -586,18 +664,41 @@ def load_preferences(
     implicit dialogues that differ before the last assistant turn. With `on_bad_row="skip"` skipped rows go to
     `rejected_path`, by default `./<stem>.rejected.jsonl` in the CURRENT directory (the WARNING log names it; the
     trainers pass their run directory). See the module docstring.
+
+    `allow_empty_responses=True` keeps empty (or whitespace-only) responses instead of rejecting them
+    ("empty_response"): in HH-RLHF harmless-base an empty final reply is a refusal, a real signal. The default stays
+    strict because elsewhere an empty response is usually a failed generation or a broken export.
     """
-    return _load(path, normalize_preference, "preference", on_bad_row, rejected_path)
+    normalize = functools.partial(normalize_preference, allow_empty_responses=allow_empty_responses)
+    return _load(path, normalize, "preference", on_bad_row, rejected_path)
 
 
 def load_sft(
-    path: str | os.PathLike, on_bad_row: OnBadRow = "error", rejected_path: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    on_bad_row: OnBadRow = "error",
+    rejected_path: str | os.PathLike | None = None,
+    *,
+    assistant_turns: str = "last",
+    from_preferences: bool = False,
+    allow_empty_responses: bool = False,
 ) -> list[dict[str, Any]]:
-    """Load SFT rows: `prompt` + `completion`, or `messages` (normalised to prompt = all but the last message,
-    completion = [last, assistant, message]); extra columns are kept. With `on_bad_row="skip"` skipped rows go to
-    `rejected_path`, by default `./<stem>.rejected.jsonl` in the CURRENT directory (the WARNING log names it; the
-    trainers pass their run directory). See the module docstring."""
-    return _load(path, normalize_sft, "SFT", on_bad_row, rejected_path)
+    """Load SFT rows: `prompt` + `completion`, or `messages`; extra columns are kept. With `on_bad_row="skip"`
+    skipped rows go to `rejected_path`, by default `./<stem>.rejected.jsonl` in the CURRENT directory (the WARNING log
+    names it; the trainers pass their run directory). See the module docstring.
+
+    `messages` rows: `assistant_turns="last"` (this function's default, kept for existing callers) gives prompt = all
+    but the last message, completion = [last, assistant, message]; "all" (the SFT trainer's default) gives prompt =
+    the messages before the first assistant turn and completion = the rest, every assistant turn trained
+    (`normalize_sft`). `from_preferences=True` reads a preference file instead (`prompt`/`chosen`/`rejected`, or
+    HH-RLHF implicit-prompt rows) and trains on prompt + `chosen` (`normalize_sft_from_preference`).
+    `allow_empty_responses=True` keeps empty completions (see `load_preferences`)."""
+    if from_preferences:
+        normalize = functools.partial(normalize_sft_from_preference, allow_empty_responses=allow_empty_responses)
+    else:
+        normalize = functools.partial(
+            normalize_sft, assistant_turns=assistant_turns, allow_empty_responses=allow_empty_responses
+        )
+    return _load(path, normalize, "SFT", on_bad_row, rejected_path)
 
 
 def load_rankings(

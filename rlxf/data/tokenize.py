@@ -20,6 +20,12 @@ caps prompt + the longest response of the row. A row whose response does not fit
 `rlxf.data` for the side file; its default is `./<stem>.rejected.jsonl` after the row's input file). Each encoded row
 carries `_origin` and `_prompt_tokens_cut` (how many prompt tokens were dropped, 0 for most rows); the number of
 rows whose prompt was cut is logged (INFO, logger `rlxf.data.tokenize`).
+
+`truncate_responses=True` (off by default) follows TRL instead: the prompt is cut to `max_prompt_length` (keeping its
+end) and no further, and the responses are cut to the `max_length - len(prompt)` tokens left (keeping their start; a
+cut response has no EOS). No row is dropped for length then (unless max_length leaves no response token at all); each
+encoded row carries `_response_tokens_cut` and the number of rows cut is logged (WARNING). The default stays "never
+cut a response" because a cut response teaches a policy or a reward model a reply that does not end.
 """
 
 from __future__ import annotations
@@ -97,6 +103,63 @@ def render_completion(
     return full[len(prompt_text) :]
 
 
+def render_completion_segments(
+    prompt: Text, completion: Text, tokenizer: PreTrainedTokenizerBase, prompt_text: str, field: str = "completion"
+) -> list[tuple[str, bool]]:
+    """The completion as (text, trained) segments whose texts concatenate to `render_completion`'s text.
+
+    A string, or a single message, is one trained segment. A list of several messages (a multi-turn SFT completion)
+    is rendered turn by turn through the chat template: each assistant message's text (its content and the template's
+    end of turn) is trained, everything else (user / system / tool turns and the assistant header that
+    `add_generation_prompt` writes) is not. Each partial rendering must be a prefix of the next (a template mismatch
+    otherwise)."""
+    if isinstance(completion, str) or len(completion) <= 1:
+        return [(render_completion(prompt, completion, tokenizer, prompt_text, field), True)]
+    conversation = [*prompt, *completion]
+    segments: list[tuple[str, bool]] = []
+    done = prompt_text
+
+    def advance(text: str, trained: bool) -> None:
+        nonlocal done
+        if not text.startswith(done):
+            raise _RenderError(
+                "template_mismatch",
+                field,
+                f"the chat template's rendering of the first turns {done[-60:]!r} (end shown) is not a prefix of the "
+                f"rendering with the next turn {text[: len(done)][-60:]!r}",
+                TEMPLATE_HINT,
+            )
+        if len(text) > len(done):
+            segments.append((text[len(done) :], trained))
+        done = text
+
+    try:
+        for k in range(len(prompt), len(conversation)):
+            if conversation[k]["role"] == "assistant":
+                advance(_chat_template(tokenizer, conversation[:k], add_generation_prompt=True), False)
+                advance(_chat_template(tokenizer, conversation[: k + 1]), True)
+            else:
+                advance(_chat_template(tokenizer, conversation[: k + 1]), False)
+    except TemplateError as e:
+        raise _RenderError("template_error", field, f"the chat template failed: {e}", TEMPLATE_HINT) from e
+    return segments
+
+
+def _split_segments_at_eos(segments: list[tuple[str, bool]], eos_token: str) -> list[tuple[str, bool]]:
+    """Whitespace after a trained segment's final EOS (a template's turn separator) is not trained; after the LAST
+    segment it is dropped, so the sequence ends with EOS."""
+    out: list[tuple[str, bool]] = []
+    for j, (text, trained) in enumerate(segments):
+        stripped = text.rstrip()
+        if trained and stripped.endswith(eos_token) and stripped != text:
+            out.append((stripped, True))
+            if j < len(segments) - 1:
+                out.append((text[len(stripped) :], False))
+        else:
+            out.append((text, trained))
+    return out
+
+
 def truncate_prompt(
     prompt_ids: list[int],
     response_len: int,
@@ -135,12 +198,6 @@ def _encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _end_with_eos(text: str, eos_token: str) -> str:
-    """Cut whitespace after a final EOS token (a chat template's turn separator) so it is not doubled."""
-    stripped = text.rstrip()
-    return stripped if stripped.endswith(eos_token) else text
-
-
 def _encode_rows(
     rows: Sequence[dict[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
@@ -152,8 +209,12 @@ def _encode_rows(
     on_bad_row: str,
     rejected_path: str | os.PathLike | None,
     what: str,
+    truncate_responses: bool = False,
 ) -> list[dict[str, Any]]:
-    """Render, encode, truncate and `build` each row; `responses_of(row)` lists the (field, value) of its responses."""
+    """Render, encode, truncate and `build` each row; `responses_of(row)` lists the (field, value) of its responses.
+
+    `build(row, prompt_ids, responses_ids, responses_masks)` gets, per response, its ids and a 0/1 mask of the
+    trained tokens (all 1 but for the non-assistant turns of a multi-turn SFT completion)."""
     check_on_bad_row(on_bad_row)
     _check_lengths(max_length, max_prompt_length)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -163,44 +224,65 @@ def _encode_rows(
     handler = BadRowHandler(origin_file(origins[0]) if rows else "rows", on_bad_row, rejected_path)
 
     # 1. render every row to text (a bad template rendering is a bad row)
-    rendered: list[tuple[int, str, list[tuple[str, str]]]] = []
+    rendered: list[tuple[int, str, list[tuple[str, list[tuple[str, bool]]]]]] = []
     for i, row in enumerate(rows):
         try:
             prompt_text = render_prompt(row["prompt"], tokenizer)
             responses = [
-                (field, render_completion(row["prompt"], value, tokenizer, prompt_text, field))
+                (field, render_completion_segments(row["prompt"], value, tokenizer, prompt_text, field))
                 for field, value in responses_of(row)
             ]
         except _RenderError as e:
             err = DataError(e.detail, origin=origins[i], field=e.field, reason=e.reason, hint=e.hint)
             handler.reject(err, row=row)
             continue
-        rendered.append((i, prompt_text, [(f, _end_with_eos(t, tokenizer.eos_token)) for f, t in responses]))
+        rendered.append((i, prompt_text, [(f, _split_segments_at_eos(s, tokenizer.eos_token)) for f, s in responses]))
 
-    # 2. encode prompts and responses separately, in two batched calls
+    # 2. encode prompts and response segments separately, in two batched calls
     prompt_ids_all = _encode_texts(tokenizer, [p for _, p, _ in rendered])
-    flat_ids = iter(_encode_texts(tokenizer, [t for _, _, rs in rendered for _, t in rs]))
+    flat_ids = iter(_encode_texts(tokenizer, [t for _, _, rs in rendered for _, segs in rs for t, _ in segs]))
 
     # 3. add BOS / EOS, truncate the prompt from the left, build the output row
     out: list[dict[str, Any]] = []
-    num_cut = 0
+    num_cut = num_responses_cut = 0
     for (i, _, responses), prompt_ids in zip(rendered, prompt_ids_all):
         if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
             prompt_ids = [bos, *prompt_ids]
-        responses_ids = []
-        for _ in responses:
-            ids = next(flat_ids)
-            responses_ids.append(ids if ids and ids[-1] == eos else [*ids, eos])
+        responses_ids, responses_masks = [], []
+        for _, segments in responses:
+            ids: list[int] = []
+            mask: list[int] = []
+            for _, trained in segments:
+                seg_ids = next(flat_ids)
+                ids += seg_ids
+                mask += [int(trained)] * len(seg_ids)
+            if not (ids and ids[-1] == eos):
+                ids, mask = [*ids, eos], [*mask, 1]
+            responses_ids.append(ids)
+            responses_masks.append(mask)
         longest = max(range(len(responses_ids)), key=lambda j: len(responses_ids[j]), default=None)
         response_len = 0 if longest is None else len(responses_ids[longest])
         keep_first = 1 if bos is not None and prompt_ids[:1] == [bos] else 0
-        cut = truncate_prompt(
-            prompt_ids,
-            response_len,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            keep_first=keep_first,
-        )
+        response_cut = 0
+        if truncate_responses and max_length is not None:
+            # TRL's rule: the prompt keeps up to max_prompt_length tokens (its end), the responses get the rest
+            # (their start; a cut response has no EOS).
+            cut = truncate_prompt(prompt_ids, 0, max_prompt_length=max_prompt_length, keep_first=keep_first)
+            room = max_length - len(cut)
+            if response_len > room >= 1:
+                response_cut = response_len - room
+                responses_ids = [r[:room] for r in responses_ids]
+                responses_masks = [m[:room] for m in responses_masks]
+            elif response_len > room:
+                cut = None
+        else:
+            cut = truncate_prompt(
+                prompt_ids,
+                response_len,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                keep_first=keep_first,
+            )
         if cut is None:
             err = DataError(
                 f"over-long row: the response is {response_len} tokens, and max_length={max_length} leaves no room "
@@ -212,10 +294,13 @@ def _encode_rows(
             )
             handler.reject(err, row=rows[i])
             continue
-        encoded = build(rows[i], cut, responses_ids)
+        encoded = build(rows[i], cut, responses_ids, responses_masks)
         encoded["_origin"] = origins[i]
         encoded["_prompt_tokens_cut"] = len(prompt_ids) - len(cut)
+        if truncate_responses:
+            encoded["_response_tokens_cut"] = response_cut
         num_cut += encoded["_prompt_tokens_cut"] > 0
+        num_responses_cut += response_cut > 0
         out.append(encoded)
 
     handler.log_summary(len(rows), what=f"{what} rows at tokenization")
@@ -227,6 +312,15 @@ def _encode_rows(
             what,
             max_length,
             max_prompt_length,
+        )
+    if num_responses_cut:
+        logger.warning(
+            "truncated the responses (kept their start, no EOS) of %d of %d %s rows to fit max_length=%s after the "
+            "prompt (truncate_responses=True); raise max_length to keep them whole",
+            num_responses_cut,
+            len(out),
+            what,
+            max_length,
         )
     return out
 
@@ -243,15 +337,20 @@ def encode_sft(
     max_prompt_length: int | None = None,
     on_bad_row: str = "error",
     rejected_path: str | os.PathLike | None = None,
+    truncate_responses: bool = False,
 ) -> list[dict[str, Any]]:
     """SFT rows (from `load_sft`) -> {"input_ids": prompt + completion ids, "completion_mask": 0 on the prompt,
-    1 on the completion (EOS included), "_origin", "_prompt_tokens_cut"}."""
+    1 on the completion (EOS included), "_origin", "_prompt_tokens_cut"}.
 
-    def build(row: dict[str, Any], prompt_ids: list[int], responses_ids: list[list[int]]) -> dict[str, Any]:
-        (completion_ids,) = responses_ids
+    A multi-turn completion (several messages, from `load_sft(..., assistant_turns="all")`) has 1 on the tokens of
+    each assistant message (its content and the template's end of turn, EOS included) and 0 on the other turns and on
+    the assistant headers (`render_completion_segments`). `truncate_responses`: see the module docstring."""
+
+    def build(row: dict[str, Any], prompt_ids: list[int], responses_ids: list[list[int]], masks) -> dict[str, Any]:
+        (completion_ids,), (completion_mask,) = responses_ids, masks
         return {
             "input_ids": prompt_ids + completion_ids,
-            "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),
+            "completion_mask": [0] * len(prompt_ids) + completion_mask,
         }
 
     return _encode_rows(
@@ -264,6 +363,7 @@ def encode_sft(
         on_bad_row=on_bad_row,
         rejected_path=rejected_path,
         what="SFT",
+        truncate_responses=truncate_responses,
     )
 
 
@@ -275,12 +375,13 @@ def encode_preferences(
     max_prompt_length: int | None = None,
     on_bad_row: str = "error",
     rejected_path: str | os.PathLike | None = None,
+    truncate_responses: bool = False,
 ) -> list[dict[str, Any]]:
     """Preference rows (from `load_preferences`) -> {"prompt_ids", "chosen_ids", "rejected_ids"} + `margin`,
     `label_prob`, `prompt_type`, `openness` where present, "_origin", "_prompt_tokens_cut". `max_length` bounds
     prompt + the longer of the two responses."""
 
-    def build(row: dict[str, Any], prompt_ids: list[int], responses_ids: list[list[int]]) -> dict[str, Any]:
+    def build(row: dict[str, Any], prompt_ids: list[int], responses_ids: list[list[int]], masks) -> dict[str, Any]:
         chosen_ids, rejected_ids = responses_ids
         return {
             "prompt_ids": prompt_ids,
@@ -299,6 +400,7 @@ def encode_preferences(
         on_bad_row=on_bad_row,
         rejected_path=rejected_path,
         what="preference",
+        truncate_responses=truncate_responses,
     )
 
 
@@ -310,12 +412,13 @@ def encode_rankings(
     max_prompt_length: int | None = None,
     on_bad_row: str = "error",
     rejected_path: str | os.PathLike | None = None,
+    truncate_responses: bool = False,
 ) -> list[dict[str, Any]]:
     """Ranking rows (from `load_rankings`) -> {"prompt_ids", "responses_ids": one list per response, best first}
     + `scores`, `prompt_type`, `openness` where present, "_origin", "_prompt_tokens_cut". `max_length` bounds
     prompt + the longest response."""
 
-    def build(row: dict[str, Any], prompt_ids: list[int], responses_ids: list[list[int]]) -> dict[str, Any]:
+    def build(row: dict[str, Any], prompt_ids: list[int], responses_ids: list[list[int]], masks) -> dict[str, Any]:
         return {
             "prompt_ids": prompt_ids,
             "responses_ids": responses_ids,
@@ -332,6 +435,7 @@ def encode_rankings(
         on_bad_row=on_bad_row,
         rejected_path=rejected_path,
         what="ranking",
+        truncate_responses=truncate_responses,
     )
 
 
@@ -347,7 +451,7 @@ def encode_prompts(
     rendered prompt, chat rows with the generation prompt) and "_prompt_tokens_cut"; a prompt longer than
     `max_prompt_length` keeps its end."""
 
-    def build(row: dict[str, Any], prompt_ids: list[int], responses_ids: list[list[int]]) -> dict[str, Any]:
+    def build(row: dict[str, Any], prompt_ids: list[int], responses_ids: list[list[int]], masks) -> dict[str, Any]:
         return {**row, "prompt_ids": prompt_ids}
 
     return _encode_rows(

@@ -7,9 +7,11 @@ that accepts a tiny model accepts any Hugging Face causal LM directory as well.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import gzip
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -34,7 +36,8 @@ CHAT_TEMPLATE = (
 @dataclass
 class TinyModelConfig:
     corpus: str = ""
-    """Text file(s) to train the tokenizer on, comma-separated (e.g. a world's corpus.txt). Required."""
+    """Corpus to train the tokenizer on, comma-separated: plain text files (e.g. a world's corpus.txt) and/or data
+    files as the loaders read them (.jsonl, .jsonl.gz, .parquet, datasets directories: every text field). Required."""
     out: str = "runs/tiny-model"
     """Directory to write the tokenizer and the model into (a `save_pretrained` directory)."""
     vocab_size: int = 512
@@ -119,16 +122,76 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig) -
     return model
 
 
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+"""Corpus files read as data (every text field of every row); anything else is read as plain UTF-8 text."""
+
+
+def _row_texts(value: Any) -> Iterator[str]:
+    """Every string in a row's values, recursively (chat messages give their `content`, never their `role`)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key == "role" and "content" in value:
+                continue
+            yield from _row_texts(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _row_texts(item)
+
+
+def corpus_lines(path: str | Path) -> list[str]:
+    """The non-blank lines of one corpus source.
+
+    A `.jsonl`, `.jsonl.gz` or `.parquet` file or a `datasets` save_to_disk directory is read the way the data
+    loaders read it (`rlxf.data.formats`): every text field of every row (strings, lists of strings, chat messages'
+    `content`; numbers and roles are left out), so a preference, SFT, ranking or prompt file trains the tokenizer on
+    the text the model will see. Any other file (e.g. `corpus.txt`) is plain UTF-8 text, as before; a `.gz` text file
+    is decompressed. Errors name the file (and line) at fault.
+    """
+    from rlxf.data.formats import DataError, _iter_raw
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"corpus {p} does not exist; write a world first (`rlxf world factworld`) or pass a data file")
+    name = p.name
+    if p.is_dir() or name.endswith(DATA_SUFFIXES):
+        lines: list[str] = []
+        try:
+            for origin, raw, _, error in _iter_raw(p):
+                if error is not None:
+                    raise error
+                for text in _row_texts({k: v for k, v in raw.items() if not k.startswith("_")}):
+                    lines.extend(line for line in text.splitlines() if line.strip())
+        except DataError as e:
+            raise UserError(f"corpus: {e}") from e
+        return lines
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(p, "rt", encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError, EOFError) as e:
+        raise UserError(
+            f"corpus {p}: cannot read it as UTF-8 text ({e}); tiny-model reads plain text files and the data files "
+            f"the loaders read ({', '.join(DATA_SUFFIXES)}, datasets directories), named by those suffixes"
+        ) from e
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def make_tiny_model(cfg: TinyModelConfig) -> Path:
     """Train the tokenizer on `cfg.corpus`, build the model, save both into `cfg.out`; returns the directory."""
     if not cfg.corpus:
-        raise UserError("tiny-model needs --corpus: a text file to train the tokenizer on (e.g. a world's corpus.txt)")
+        raise UserError(
+            "tiny-model needs --corpus: a text file or a data file (.jsonl, .jsonl.gz, .parquet, datasets directory) "
+            "to train the tokenizer on (e.g. a world's corpus.txt)"
+        )
     lines: list[str] = []
     for path in cfg.corpus.split(","):
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"corpus file {p} does not exist; write a world first (`rlxf world factworld`)")
-        lines.extend(line for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+        lines.extend(corpus_lines(path))
+    if not lines:
+        raise UserError(f"corpus {cfg.corpus} holds no text to train the tokenizer on")
     tokenizer = train_tokenizer(lines, cfg.vocab_size)
     model = build_tiny_model(tokenizer, cfg)
     out = Path(cfg.out)

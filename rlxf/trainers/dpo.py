@@ -15,6 +15,7 @@ Shapes: B pairs, L sequence length, V vocab, N response tokens of a packed micro
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import packed_sequence_logprobs, sequence_logprobs, shift_for_next_token, weighted_sequence_logprobs
 from rlxf.losses import dpo_loss
+from rlxf.trainers.common import check_eval_split, load_train_eval
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ class DPOConfig:
     """Preference pairs: `prompt`, `chosen`, `rejected` (+ optional `label_prob`). Required."""
     eval_file: str = ""
     """Held-out pairs for the evaluation loss and reward accuracy (optional)."""
+    eval_split: float = 0.0
+    """Hold out this share of train_file's rows (e.g. 0.1) for evaluation when no eval_file is given: seeded by
+    train.seed, deterministic, disjoint from training; the held-out rows are written to `<out>/eval_split.jsonl`.
+    In [0, 1); 0 holds out nothing; giving it with eval_file is an error."""
     out: str = "runs/dpo"
     """Output directory: metrics, checkpoints, and the final policy in `final/`."""
     max_length: int = 256
@@ -55,6 +61,12 @@ class DPOConfig:
     """Longest prompt in tokens."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed or over-long row does: stop with an error, or be skipped and written to a side file."""
+    allow_empty_responses: bool = False
+    """Keep rows whose response is empty (or only whitespace) instead of rejecting them; the response is then EOS
+    alone. Off by default (an empty response is usually a broken export); in HH-RLHF an empty reply is a refusal."""
+    truncate_responses: bool = False
+    """Cut over-long responses instead of rejecting the row (TRL's rule): the prompt keeps up to max_prompt_length
+    tokens, the responses the rest of max_length (a cut response has no EOS); counted and logged."""
     beta: float = 0.1
     """Strength of the KL constraint to the reference: higher keeps the policy closer."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -90,6 +102,7 @@ class DPOConfig:
                 "sft_weight": ">=0",
             },
         )
+        check_eval_split(self.eval_split, self.eval_file)
         if self.credit.granularity != "sequence" and not self.credit.token_reward:
             raise UserError(
                 f"credit.granularity={self.credit.granularity!r} needs credit.token_reward, a reward spec whose token "
@@ -268,10 +281,11 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
         model = load_model(cfg.model, tokenizer=tokenizer)
     out = Path(cfg.out)
 
-    def encoded(path: str, split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def encoded(raw: list[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Encoded pairs and, for each, the prompt row a token-reward source reads. In skip mode the rows rejected
         when loading or encoding go to `rejected_<split>.jsonl` / `rejected_tokenized_<split>.jsonl` in `out`."""
-        raw = load_preferences(path, on_bad_row=cfg.on_bad_row, rejected_path=out / f"rejected_{split}.jsonl")
+        if not raw:
+            return [], []
         enc = encode_preferences(
             raw,
             tokenizer,
@@ -279,12 +293,17 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
             rejected_path=out / f"rejected_tokenized_{split}.jsonl",
             max_length=cfg.max_length,
             max_prompt_length=cfg.max_prompt_length,
+            truncate_responses=cfg.truncate_responses,
         )
         by_origin = {r["_origin"]: r for r in raw}
         return enc, [scoring_prompt_row(by_origin[r["_origin"]], r) for r in enc]
 
-    rows, prompt_rows = encoded(cfg.train_file, "train")
-    eval_rows, eval_prompt_rows = encoded(cfg.eval_file, "eval") if cfg.eval_file else ([], [])
+    load = functools.partial(load_preferences, allow_empty_responses=cfg.allow_empty_responses)
+    raw_train, raw_eval = load_train_eval(
+        load, cfg.train_file, cfg.eval_file, cfg.eval_split, cfg.train.seed, out, cfg.on_bad_row
+    )
+    rows, prompt_rows = encoded(raw_train, "train")
+    eval_rows, eval_prompt_rows = encoded(raw_eval, "eval")
 
     # ASR: token rewards and keep-masks, once per pair, before the reference log-probs (which use the masks).
     asr_metrics: dict[str, float] = {}

@@ -49,7 +49,7 @@ from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.losses import pairwise_accuracy
 from rlxf.models.reward_model import RewardModel
-from rlxf.trainers.common import load_encoded
+from rlxf.trainers.common import check_eval_split, load_encoded_splits
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ class RankingRewardModelConfig:
     (open / closed) and `openness` in [0, 1]. Required."""
     eval_file: str = ""
     """Held-out ranking rows for pairwise accuracy, loss and (loss=ranking) the collapse diagnostics (optional)."""
+    eval_split: float = 0.0
+    """Hold out this share of train_file's rows (e.g. 0.1) for evaluation when no eval_file is given: seeded by
+    train.seed, deterministic, disjoint from training; the held-out rows are written to `<out>/eval_split.jsonl`.
+    In [0, 1); 0 holds out nothing; giving it with eval_file is an error."""
     out: str = "runs/ranking_rm"
     """Output directory: metrics, checkpoints, and the final reward model in `final/`."""
     max_length: int = 256
@@ -102,6 +106,7 @@ class RankingRewardModelConfig:
                 "utility_eps": ">=0",
             },
         )
+        check_eval_split(self.eval_split, self.eval_file)
 
 
 # ---- loss and metrics ----------------------------------------------------------------------------------------------
@@ -174,16 +179,12 @@ def train_ranking_reward_model(cfg: RankingRewardModelConfig, model: RewardModel
     model.config.pad_token_id = tokenizer.pad_token_id
     out = Path(cfg.out)
 
-    def encoded(path: str, split: str) -> list[dict[str, Any]]:
-        lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
-        enc = load_encoded(load_rankings, encode_rankings, path, tokenizer, out, split, cfg.on_bad_row, **lengths)
-        if cfg.loss == "ranking":
+    lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
+    rows, eval_rows = load_encoded_splits(load_rankings, encode_rankings, cfg, tokenizer, out, **lengths)
+    if cfg.loss == "ranking":
+        for enc in (rows, eval_rows) if eval_rows else (rows,):
             for row, u in zip(enc, row_utilities(enc, cfg.utility, cfg.utility_gamma, cfg.utility_c, cfg.utility_eps)):
                 row["_utility"] = u
-        return enc
-
-    rows = encoded(cfg.train_file, "train")
-    eval_rows = encoded(cfg.eval_file, "eval") if cfg.eval_file else []
     if cfg.loss == "ranking":
         used = Counter(str(r["_utility"]) for r in rows)
         logger.info("loss=ranking, r = σ(value); utilities in training: %s", dict(used))

@@ -10,6 +10,7 @@ Shapes: B pairs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.losses import bradley_terry_losses, pairwise_accuracy, reward_centering_penalty
 from rlxf.models.reward_model import RewardModel, collate_pairs, evaluate_pairs, pair_rewards
-from rlxf.trainers.common import load_encoded
+from rlxf.trainers.common import check_eval_split, load_encoded_splits
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ class RewardModelConfig:
     """Preference pairs: `prompt`, `chosen`, `rejected` (+ optional `margin`, `label_prob`). Required."""
     eval_file: str = ""
     """Held-out pairs for pairwise accuracy (optional)."""
+    eval_split: float = 0.0
+    """Hold out this share of train_file's rows (e.g. 0.1) for evaluation when no eval_file is given: seeded by
+    train.seed, deterministic, disjoint from training; the held-out rows are written to `<out>/eval_split.jsonl`.
+    In [0, 1); 0 holds out nothing; giving it with eval_file is an error."""
     out: str = "runs/rm"
     """Output directory: metrics, checkpoints, and the final reward model in `final/`."""
     max_length: int = 256
@@ -47,6 +52,12 @@ class RewardModelConfig:
     """Longest prompt in tokens."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed or over-long row does: stop with an error, or be skipped and written to a side file."""
+    allow_empty_responses: bool = False
+    """Keep rows whose response is empty (or only whitespace) instead of rejecting them; the response is then EOS
+    alone. Off by default (an empty response is usually a broken export); in HH-RLHF an empty reply is a refusal."""
+    truncate_responses: bool = False
+    """Cut over-long responses instead of rejecting the row (TRL's rule): the prompt keeps up to max_prompt_length
+    tokens, the responses the rest of max_length (a cut response has no EOS); counted and logged."""
     use_margin: bool = True
     """Subtract the row's `margin` column (when present) inside the sigmoid."""
     use_label_prob: bool = True
@@ -64,6 +75,7 @@ class RewardModelConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, {"max_length": ">=2", "max_prompt_length": ">=1", "center_rewards_coef": ">=0"})
+        check_eval_split(self.eval_split, self.eval_file)
 
 
 def pair_loss_and_metrics(
@@ -100,14 +112,16 @@ def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None)
     model.config.pad_token_id = tokenizer.pad_token_id
     out = Path(cfg.out)
 
-    def encoded(path: str, split: str) -> list[dict[str, Any]]:
-        lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
-        return load_encoded(
-            load_preferences, encode_preferences, path, tokenizer, out, split, cfg.on_bad_row, **lengths
-        )
-
-    rows = encoded(cfg.train_file, "train")
-    eval_rows = encoded(cfg.eval_file, "eval") if cfg.eval_file else []
+    rows, eval_rows = load_encoded_splits(
+        functools.partial(load_preferences, allow_empty_responses=cfg.allow_empty_responses),
+        encode_preferences,
+        cfg,
+        tokenizer,
+        out,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        truncate_responses=cfg.truncate_responses,
+    )
     pad_id = tokenizer.pad_token_id
     engine = Engine(cfg.train, out, model, num_examples=len(rows), config_dict=asdict(cfg))
     rm = engine.model

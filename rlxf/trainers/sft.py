@@ -5,6 +5,7 @@ Shapes: B batch, L sequence length, V vocab.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from rlxf.data.tokenize import encode_sft, pad
 from rlxf.engine import Engine, TrainConfig
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
-from rlxf.trainers.common import load_encoded
+from rlxf.trainers.common import check_eval_split, load_encoded_splits
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ class SFTConfig:
     """SFT data: JSONL / Parquet / datasets dir with `prompt` + `completion` or `messages`. Required."""
     eval_file: str = ""
     """Held-out SFT data for the evaluation loss (optional)."""
+    eval_split: float = 0.0
+    """Hold out this share of train_file's rows (e.g. 0.1) for evaluation when no eval_file is given: seeded by
+    train.seed, deterministic, disjoint from training; the held-out rows are written to `<out>/eval_split.jsonl`.
+    In [0, 1); 0 holds out nothing; giving it with eval_file is an error."""
     out: str = "runs/sft"
     """Output directory: metrics, checkpoints, and the final model in `final/`."""
     max_length: int = 256
@@ -39,11 +44,24 @@ class SFTConfig:
     """Longest prompt in tokens before the completion is appended."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed or over-long row does: stop with an error, or be skipped and written to a side file."""
+    from_preferences: bool = False
+    """train_file / eval_file are preference files (`prompt`, `chosen`, `rejected`, or HH-RLHF implicit-prompt
+    `chosen` / `rejected` dialogues): train on prompt + `chosen`; `rejected` is not read."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """For `messages` rows: train on every assistant turn ('all', the other turns masked out) or on the last one only
+    ('last', earlier turns are context)."""
+    allow_empty_responses: bool = False
+    """Keep rows whose response is empty (or only whitespace) instead of rejecting them; the response is then EOS
+    alone. Off by default (an empty response is usually a broken export); in HH-RLHF an empty reply is a refusal."""
+    truncate_responses: bool = False
+    """Cut over-long responses instead of rejecting the row (TRL's rule): the prompt keeps up to max_prompt_length
+    tokens, the responses the rest of max_length (a cut response has no EOS); counted and logged."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, epochs=3.0))
     """Optimisation settings (engine)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, {"max_length": ">=2", "max_prompt_length": ">=1"})
+        check_eval_split(self.eval_split, self.eval_file)
 
 
 def collate_sft(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -90,13 +108,22 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module | None = None) -> dict[str,
     if model is None:
         model = load_model(cfg.model, tokenizer=tokenizer)
     out = Path(cfg.out)
-    lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
-    rows = load_encoded(load_sft, encode_sft, cfg.train_file, tokenizer, out, "train", cfg.on_bad_row, **lengths)
-    eval_rows = []
-    if cfg.eval_file:
-        eval_rows = load_encoded(
-            load_sft, encode_sft, cfg.eval_file, tokenizer, out, "eval", cfg.on_bad_row, **lengths
-        )
+    load = functools.partial(
+        load_sft,
+        assistant_turns=cfg.assistant_turns,
+        from_preferences=cfg.from_preferences,
+        allow_empty_responses=cfg.allow_empty_responses,
+    )
+    rows, eval_rows = load_encoded_splits(
+        load,
+        encode_sft,
+        cfg,
+        tokenizer,
+        out,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        truncate_responses=cfg.truncate_responses,
+    )
     pad_id = tokenizer.pad_token_id
     engine = Engine(cfg.train, out, model, num_examples=len(rows), config_dict=asdict(cfg))
     policy = engine.model
