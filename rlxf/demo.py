@@ -200,9 +200,10 @@ def run_demo(cfg: DemoConfig) -> Path:
         DPOConfig(
             model=str(sft_model),
             train_file=str(pairs),
+            eval_file=str(world / "preferences_test.jsonl"),  # the held-out curve; evaluation draws no random numbers
             out=str(root / "dpo"),
             beta=cfg.dpo_beta,
-            train=train(cfg.dpo_epochs, cfg.dpo_lr),
+            train=train(cfg.dpo_epochs, cfg.dpo_lr, eval_every=50),
         )
     )
     done("dpo")
@@ -230,26 +231,58 @@ def run_demo(cfg: DemoConfig) -> Path:
     return report
 
 
+def smoothed(values: list[float], window: int = 15) -> list[float]:
+    """Trailing moving average (the first points average what exists): the trend of a noisy per-batch metric."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+# (stage, row, y label, [(train metric, held-out metric, label)], reference line or None)
+DEMO_PANELS = [
+    ("sft", 0, "NLL per completion token", [("loss/nll", "eval/nll", "NLL")], None),
+    ("sft", 1, "learning rate", [("train/lr", None, "learning rate")], None),
+    ("rm", 0, "Bradley–Terry loss", [("loss/bt", "eval/bt_loss", "BT loss")], (0.6931, "ln 2 (chance)")),
+    ("rm", 1, "pairwise accuracy", [("rewards/accuracies", "eval/pairwise_accuracy", "accuracy")], (0.5, "chance")),
+    ("dpo", 0, "DPO loss", [("loss/dpo", "eval/loss_dpo", "DPO loss")], (0.6931, "ln 2 (start)")),
+    ("dpo", 1, "reward accuracy", [("rewards/accuracies", "eval/rewards_accuracies", "accuracy")], (0.5, "chance")),
+]
+
+
 def plot_demo(root: Path) -> dict[str, str]:
-    """Training curves and the gold-score distributions of SFT and DPO responses, as PNG files."""
+    """Training curves (losses on the top row, accuracies below; per-batch values faint with their moving average,
+    held-out values as dots) and the gold-score distributions of SFT and DPO responses, as PNG files."""
     from matplotlib.figure import Figure
 
-    panels = [
-        ("sft", [("loss/nll", "train NLL / token"), ("eval/nll", "held-out NLL / token")]),
-        ("rm", [("loss/bt", "train BT loss"), ("eval/pairwise_accuracy", "held-out pairwise accuracy")]),
-        ("dpo", [("loss/dpo", "DPO loss"), ("rewards/margins", "reward margin"), ("rewards/accuracies", "accuracy")]),
-    ]
-    fig = Figure(figsize=(13, 3.6))
-    for ax, (stage, series) in zip(fig.subplots(1, 3), panels):
+    fig = Figure(figsize=(13, 6.4))
+    axes = fig.subplots(2, 3, sharex="col")
+    columns = {"sft": 0, "rm": 1, "dpo": 2}
+    titles = {"sft": "SFT", "rm": "reward model", "dpo": "DPO"}
+    for stage, row, ylabel, series, reference in DEMO_PANELS:
+        ax = axes[row, columns[stage]]
         records = [json.loads(line) for line in (root / stage / "metrics.jsonl").read_text().splitlines()]
-        for key, label in series:
-            points = [(r["step"], r[key]) for r in records if key in r]
+        for train_key, eval_key, label in series:
+            points = [(r["step"], r[train_key]) for r in records if train_key in r]
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, label=label, marker="o" if key.startswith("eval/") else None, markersize=3)
-        ax.set_title(stage.upper())
-        ax.set_xlabel("optimiser step")
-        ax.legend(fontsize=8)
+                noisy = not train_key.startswith("train/")
+                ax.plot(steps, values, color="C0", alpha=0.25 if noisy else 1.0, linewidth=1)
+                if noisy:
+                    ax.plot(steps, smoothed(list(values)), color="C0", label=f"train {label} (moving average)")
+            held_out = [(r["step"], r[eval_key]) for r in records if eval_key and eval_key in r]
+            if held_out:
+                ax.plot(*zip(*held_out), color="C1", marker="o", markersize=4, label=f"held-out {label}")
+        if reference is not None:
+            ax.axhline(reference[0], color="grey", linestyle=":", linewidth=1, label=reference[1])
+        if row == 0:
+            ax.set_title(titles[stage])
+        else:
+            ax.set_xlabel("optimiser step")
+        ax.set_ylabel(ylabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     curves = root / "training_curves.png"
     fig.savefig(curves, dpi=110)
@@ -267,8 +300,9 @@ def plot_demo(root: Path) -> dict[str, str]:
         ax.hist(
             scores, bins=24, range=(lowest, 1.0), alpha=0.55, label=f"{name} (mean {sum(scores) / len(scores):.2f})"
         )
-    ax.set_xlabel("gold score of a held-out response")
+    ax.set_xlabel("gold score of a held-out response (1 = every requested fact right)")
     ax.set_ylabel("responses")
+    ax.set_title("Gold scores of SFT and DPO answers to the held-out prompts")
     ax.legend()
     fig.tight_layout()
     dist = root / "gold_scores.png"
