@@ -322,3 +322,21 @@ def test_recipe_config_parses(path):
     if command != "tiny-model":
         assert cfg.eval_split == 0.1 and cfg.train_file.endswith("test.jsonl.gz") and cfg.allow_empty_responses
     assert (ROOT / (cfg.train_file if command != "tiny-model" else cfg.corpus)).exists()
+
+
+def test_the_readme_recipe_commands_parse(monkeypatch):
+    """Each `rlxf ...` line of the README's HH-RLHF section builds its command's config (flags and --config files)."""
+    monkeypatch.chdir(ROOT)  # the commands are run from the repository root
+    import shlex
+
+    from rlxf.cli import build_parser
+    from rlxf.config import config_from_args
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Your own preference data (HH-RLHF)", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = [shlex.split(line, comments=True)[1:] for line in block.splitlines() if line.startswith("rlxf ")]
+    assert [c[0] for c in commands] == ["tiny-model", "sft", "rm", "dpo", "eval"]
+    for argv in commands:
+        parser, selected = build_parser(argv)
+        config_from_args(selected.config_cls, parser.parse_args(argv))
