@@ -301,7 +301,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Command | No
         is_chosen = chosen == name or (not tail and chosen.split(" ")[0] == name)
         command = factory() if is_chosen else None
         if command is not None and command.pick is not None:
-            command = command.pick(words) or command
+            command = command.pick(argv) or command
         if tail:
             if head not in groups:
                 group_parser = sub.add_parser(head, help=f"{head} subcommands")

@@ -41,6 +41,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from rlxf.data.formats import BadRowHandler, DataError, check_on_bad_row, origin_file
+from rlxf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class _RenderError(Exception):
 
 def _chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], **kwargs: Any) -> str:
     if tokenizer.chat_template is None:
-        raise ValueError(
+        raise UserError(
             "conversational rows (message lists) need a tokenizer with a chat template; set tokenizer.chat_template "
             "or convert the rows to standard (string) prompt/completion text"
         )
@@ -188,7 +189,7 @@ def truncate_prompt(
 def _check_lengths(max_length: int | None, max_prompt_length: int | None) -> None:
     for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+            raise UserError(f"{name} must be a positive integer or None, got {value!r}")
 
 
 def _encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -219,7 +220,7 @@ def _encode_rows(
     _check_lengths(max_length, max_prompt_length)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if eos is None and what != "prompt":
-        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token so that responses can end")
+        raise UserError("the tokenizer has no EOS token; set tokenizer.eos_token so that responses can end")
     origins = [row.get("_origin", f"<rows>:row {i}") for i, row in enumerate(rows)]
     handler = BadRowHandler(origin_file(origins[0]) if rows else "rows", on_bad_row, rejected_path)
 
