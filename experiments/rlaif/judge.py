@@ -35,9 +35,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rlxf.backends import BackendConfig  # noqa: E402
-from rlxf.data.formats import write_jsonl  # noqa: E402
+from rlxf.data.formats import (
+    load_label_pairs,  # noqa: E402
+    write_jsonl,  # noqa: E402
+)
 from rlxf.engine import TrainConfig  # noqa: E402
-from rlxf.feedback.label import LabelConfig, as_text, build_template, load_label_pairs  # noqa: E402
+from rlxf.feedback.label import LabelConfig, as_text, build_template  # noqa: E402
 from rlxf.feedback.prompts import build_prompt  # noqa: E402
 from rlxf.trainers.sft import SFTConfig, train_sft  # noqa: E402
 from rlxf.worlds.factworld import load_factworld  # noqa: E402

@@ -4,6 +4,7 @@ preference pairs into rows without padding (`packing`). The loaders are re-expor
 from rlxf.data.formats import (
     DataError,
     default_rejected_path,
+    load_label_pairs,
     load_preferences,
     load_prompts,
     load_rankings,
@@ -19,6 +20,7 @@ from rlxf.data.formats import (
 __all__ = [
     "DataError",
     "default_rejected_path",
+    "load_label_pairs",
     "load_preferences",
     "load_prompts",
     "load_rankings",

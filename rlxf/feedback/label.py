@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from rlxf.backends import Backend, BackendConfig, Prompt, build_backend, split_prompt
 from rlxf.backends.cache import JudgementCache, cached_requests
 from rlxf.config import check_ranges
-from rlxf.data.formats import _BadRow, _extras, _load, _required, _same_form, _text, normalize_preference, write_jsonl
+from rlxf.data.formats import load_exemplar_rows, load_label_pairs, write_jsonl
 from rlxf.errors import BackendError, UserError
 from rlxf.feedback.label_math import (
     alignment,
@@ -149,51 +149,6 @@ class LabelConfig:
 # --- input -----------------------------------------------------------------------------------------------------------
 
 
-def normalize_label_pair(row: dict[str, Any]) -> dict[str, Any]:
-    """One input row -> {prompt, response_a, response_b, [_human_prefers_a], extras}.
-
-    A human-labelled `chosen` / `rejected` row (implicit-prompt HH-RLHF rows included) becomes a = chosen, b = rejected,
-    `_human_prefers_a` = True; extra columns `X_chosen` / `X_rejected` are kept as `_pair_X` = (value_a, value_b) so
-    the output can give them to the AI's chosen / rejected.
-    """
-    if row.get("response_a") is not None or row.get("response_b") is not None:
-        prompt = _text(_required(row, "prompt"), "prompt", response=False)
-        a = _text(_required(row, "response_a"), "response_a", response=True)
-        b = _text(_required(row, "response_b"), "response_b", response=True)
-        _same_form({"prompt": prompt, "response_a": a, "response_b": b})
-        if a == b:
-            raise _BadRow("identical_responses", "response_b", "'response_a' and 'response_b' are identical")
-        return _extras(row, {"prompt": prompt, "response_a": a, "response_b": b}, skip=())
-    if row.get("chosen") is None and row.get("rejected") is None:
-        raise _BadRow(
-            "missing_field",
-            "response_a",
-            "missing required field: give 'prompt' with 'response_a' and 'response_b', or a human-labelled 'chosen' "
-            "and 'rejected'",
-        )
-    pref = normalize_preference(row)
-    out: dict[str, Any] = {
-        "prompt": pref["prompt"],
-        "response_a": pref["chosen"],
-        "response_b": pref["rejected"],
-        "_human_prefers_a": True,
-    }
-    for key, value in pref.items():
-        if key in ("prompt", "chosen", "rejected", "label_prob", "margin"):
-            continue
-        if key.endswith("_chosen") and key[: -len("_chosen")] + "_rejected" in pref:
-            name = key[: -len("_chosen")]
-            out[f"_pair_{name}"] = (value, pref[name + "_rejected"])
-        elif not (key.endswith("_rejected") and key[: -len("_rejected")] + "_chosen" in pref):
-            out[key] = value
-    return out
-
-
-def load_label_pairs(path: str, on_bad_row: str = "error", rejected_path: str | Path | None = None) -> list[dict]:
-    """Read pairs to label; bad rows raise DataError naming file, line and field (or are skipped to a side file)."""
-    return _load(path, normalize_label_pair, "pair", on_bad_row, rejected_path)
-
-
 def as_text(value: str | list[dict[str, Any]], response: bool = False) -> str:
     """A text field as the labeller reads it: strings unchanged; a message list as "Human: …\\n\\nAssistant: …" turns
     (responses: their contents joined)."""
@@ -205,27 +160,9 @@ def as_text(value: str | list[dict[str, Any]], response: bool = False) -> str:
     return "\n\n".join(f"{roles.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in value)
 
 
-def _normalize_exemplar(row: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key in ("context", "response_1", "response_2"):
-        value = _required(row, key)
-        if not isinstance(value, str):
-            raise _BadRow("wrong_type", key, f"expected a string, got {type(value).__name__}")
-        out[key] = value
-    label = _required(row, "label")
-    if label not in (1, 2, "1", "2") or isinstance(label, bool):
-        raise _BadRow("wrong_type", "label", f"must be 1 or 2, got {label!r}")
-    out["label"] = int(label)
-    rationale = row.get("rationale")
-    if rationale is not None and not isinstance(rationale, str):
-        raise _BadRow("wrong_type", "rationale", f"expected a string, got {type(rationale).__name__}")
-    out["rationale"] = rationale
-    return out
-
-
 def load_exemplars(path: str) -> tuple[Exemplar, ...]:
     """Few-shot exemplars from JSONL: {context, response_1, response_2, label, rationale?} per line."""
-    rows = _load(path, _normalize_exemplar, "exemplar", "error", None)
+    rows = load_exemplar_rows(path)
     return tuple(Exemplar(**{k: v for k, v in r.items() if not k.startswith("_")}) for r in rows)
 
 
