@@ -137,7 +137,7 @@ def test_seeded_sampling_is_reproducible(url):
         ("completions", b"{not json", 400, "not valid JSON"),
         ("completions", {"model": "other", "prompt": "x"}, 404, "does not exist"),
         ("completions", {"prompt": 3}, 400, "prompt must be"),
-        ("completions", {"prompt": "x", "n": 2}, 400, "n must be 1"),
+        ("completions", {"prompt": "x", "n": 0}, 400, "n must be an integer in [1, 64]"),
         ("completions", {"prompt": "x", "logprobs": 51}, 400, "logprobs must be an integer in [0, 50]"),
         ("completions", {"prompt": "red " * 600}, 400, "maximum context length is 512 tokens"),
         ("chat/completions", {"messages": []}, 400, "messages must be"),

@@ -3,19 +3,30 @@
     rlxf serve --model runs/judge --port 8000          # then: rlxf label --backend.kind openai \\
                                                         #   --backend.base_url http://127.0.0.1:8000/v1
 
-Endpoints (the subset labelling and d-RLAIF need, in OpenAI's response formats):
-- `GET /v1/models`, `GET /health`;
+Endpoints (the subset labelling and d-RLAIF need, in OpenAI's response formats; the official `openai` client works):
+- `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`;
 - `POST /v1/completions`: `prompt` (string or list of strings), `max_tokens` (16), `temperature` (1.0; 0 = greedy),
-  `top_p`, `top_k` (vLLM extension), `seed`, `stop`, `logprobs` (k top log-probs per generated token);
-- `POST /v1/chat/completions`: `messages`, `max_tokens` / `max_completion_tokens` (256), `temperature`, `top_p`,
-  `top_k`, `seed`, `stop`, `logprobs` + `top_logprobs`, and vLLM's `add_generation_prompt` / `continue_final_message`
-  (continue a prefilled assistant turn, docs/methods/rlaif.md §2.2 "chat labelers").
+  `top_p`, `top_k` (vLLM extension), `seed`, `stop`, `n`, `stream` (+ `stream_options.include_usage`), `logprobs`
+  (k top log-probs per generated token);
+- `POST /v1/chat/completions`: `messages` (content a string, a list of text parts, or null in an assistant turn),
+  `max_tokens` / `max_completion_tokens` (256), `temperature`, `top_p`, `top_k`, `seed`, `stop`, `n`, `stream`,
+  `logprobs` + `top_logprobs`, and vLLM's `add_generation_prompt` / `continue_final_message` (continue a prefilled
+  assistant turn, docs/methods/rlaif.md §2.2 "chat labelers").
+Fields it does not implement (`tools`, `tool_choice`, `response_format`, `logit_bias`, non-zero `presence_penalty` /
+`frequency_penalty`, `suffix`, `echo`, ...) are a 400 naming the field, never silently ignored.
 
 Log-probs come from the untempered model distribution. Completions prompts are encoded with the tokenizer's special
-tokens (BOS), chat prompts with the chat template and no special tokens, as vLLM does. `max_tokens` beyond the room
-left in the context is clipped (finish_reason "length"); a prompt longer than the context is a 400 error naming the
-"maximum context length". One request runs on the model at a time: this server is for tests, demos and small labellers
-on loopback; label at scale with vLLM / SGLang / TGI / llama.cpp through the same client.
+tokens (BOS), chat prompts with the chat template and no special tokens, as vLLM does. A generated EOS is listed in
+the tokens and log-probs but its text never is: text and content hold no special-token text and no stop string, and
+`text_offset` indexes into the returned text. Choice j of a request with `n` > 1 samples with `seed + j`. Streaming
+sends the finished generation as server-sent events, one chunk per token, then `data: [DONE]`. `max_tokens` beyond
+the room left in the context is clipped (finish_reason "length"); a prompt longer than the context is a 400 error
+naming the "maximum context length".
+
+Batching: one model thread takes every sequence waiting (up to `batch_size`) and generates them in one left-padded
+batch. Greedy and unseeded requests share batches; a seeded sampling request runs alone, so its tokens depend on its
+prompt, parameters and seed only. This server is for tests, demos and small labellers on loopback; label at scale with
+vLLM / SGLang / TGI / llama.cpp through the same client.
 
 Limits (ServeConfig, all answered in the OpenAI error format): a listen backlog of `backlog` connections (many clients
 connecting at once wait instead of being reset); a body over `max_body_bytes` is refused with 413 before it is read; a
@@ -28,19 +39,23 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import torch
+from torch import Tensor
 
 from rlxf.backends.base import apply_chat, topk_map
-from rlxf.backends.local import LocalBackend, decode_one
+from rlxf.backends.local import LocalBackend
+from rlxf.data.tokenize import pad
 from rlxf.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +87,8 @@ class ServeConfig:
     """Most prompts in one completions request (a list `prompt`); more is a 400 (send several requests)."""
     backlog: int = 128
     """Listen backlog: connections the kernel queues while the server accepts others (capped by net.core.somaxconn)."""
+    batch_size: int = 16
+    """Most sequences the model generates together: requests waiting when the model frees up run as one batch."""
 
 
 class RequestError(Exception):
@@ -82,15 +99,69 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
-class ServeEngine:
-    """The model behind the server: `LocalBackend` loading and chat rendering, one request on the model at a time."""
+def _pick(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
+    """One token from a (V,) row: greedy at temperature 0, else softmax(logits / T) within top_k and the top_p nucleus
+    (as `decode_one`), drawn with the row's own CPU generator."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    scores = logits / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=gen))
 
-    def __init__(self, backend: LocalBackend, name: str, max_logprobs: int = 20):
+
+@dataclass
+class _Job:
+    """One sequence to generate (a request with n choices or several prompts is several jobs)."""
+
+    ids: list[int]
+    room: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stops: list[str]
+    keep_dists: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    new: list[int] = field(default_factory=list)
+    dists: list[Tensor] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def exact(self) -> bool:
+        """A seeded sampling job runs alone (no padding), so its tokens depend on (prompt, params, seed) only."""
+        return self.temperature > 0 and self.seed is not None
+
+
+class ServeEngine:
+    """The model behind the server: `LocalBackend` loading and chat rendering, and a worker thread that runs every
+    request waiting (up to `batch_size` sequences) in one left-padded batch with the KV cache.
+
+    Greedy and unseeded sampling jobs are batched together (each row samples with its own generator); a seeded
+    sampling job runs on its own, so a seed gives the same tokens whatever else the server is doing.
+    """
+
+    def __init__(self, backend: LocalBackend, name: str, max_logprobs: int = 20, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.backend = backend
         self.model, self.tokenizer = backend.model, backend.tokenizer
         self.name = name
         self.max_logprobs = max_logprobs
-        self.lock = threading.Lock()
+        self.batch_size = batch_size
+        self.lock = threading.Lock()  # held while the model runs
+        self.batches = 0  # forward batches run (a counter for tests and logs)
+        # text of special tokens: never part of a reply's text (a model may spell one out byte by byte)
+        self.special_texts = sorted({t for t in self.tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name="rlxf-serve-model", daemon=True)
+        self._worker.start()
 
     @classmethod
     def load(
@@ -100,12 +171,96 @@ class ServeEngine:
         device: str | None = None,
         max_logprobs: int = 20,
         max_context: int = 0,
+        batch_size: int = 16,
     ) -> ServeEngine:
         """Load a save_pretrained directory; `name` defaults to the path as given (as vLLM does)."""
         backend = LocalBackend(model_dir, device=device or None, max_context=max_context or None)
-        return cls(backend, name or str(model_dir), max_logprobs)
+        return cls(backend, name or str(model_dir), max_logprobs, batch_size)
 
-    def complete(
+    # -- the model thread
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            jobs = [first]
+            while len(jobs) < self.batch_size:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            shared = [j for j in jobs if not j.exact]
+            groups = [[j] for j in jobs if j.exact]
+            if shared:
+                groups.insert(0, shared)
+            for group in groups:
+                try:
+                    with self.lock:
+                        self._decode(group)
+                except BaseException as e:  # noqa: BLE001 (handed to the waiting request thread)
+                    for j in group:
+                        j.error = e
+                finally:
+                    for j in group:
+                        j.done.set()
+
+    def _stopped(self, job: _Job) -> bool:
+        if not job.stops:
+            return False
+        longest = max(len(s) for s in job.stops)  # a token spells at least one character (or part of one)
+        text = self.tokenizer.decode(job.new[-(longest + 4) :], skip_special_tokens=True)
+        return any(s in text for s in job.stops)
+
+    @torch.no_grad()
+    def _decode(self, jobs: list[_Job]) -> None:
+        """Generate every job in one left-padded batch (position ids count real tokens only), one step per token."""
+        device = next(self.model.parameters()).device
+        eos, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        gens = [torch.Generator().manual_seed(j.seed if j.seed is not None else random.getrandbits(63)) for j in jobs]
+        batch, attn = pad([j.ids for j in jobs], pad_id, side="left")  # (B, L)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        inp, attn, pos = batch.to(device), attn.to(device), pos.to(device)
+        past, active = None, [True] * len(jobs)
+        self.batches += 1
+        for _ in range(max(j.room for j in jobs)):
+            out = self.model(
+                input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+            past = out.past_key_values
+            logits = out.logits[:, -1].float()  # (B, V)
+            logp = logits.log_softmax(-1).cpu() if any(j.keep_dists for j in jobs) else None
+            toks = []
+            for b, job in enumerate(jobs):
+                if not active[b]:
+                    toks.append(pad_id)
+                    continue
+                if job.keep_dists:
+                    job.dists.append(logp[b])
+                tok = _pick(logits[b], job.temperature, job.top_k, job.top_p, gens[b])
+                job.new.append(tok)
+                if tok == eos or len(job.new) >= job.room or self._stopped(job):
+                    active[b] = False
+                toks.append(tok)
+            if not any(active):
+                break
+            inp = torch.tensor(toks, device=device)[:, None]
+            attn = torch.cat([attn, attn.new_ones(len(jobs), 1)], dim=1)
+            pos = pos[:, -1:] + 1
+
+    # -- requests
+
+    def generate(self, jobs: list[_Job]) -> list[dict[str, Any]]:
+        """Queue the jobs for the model thread, wait for them, and return their results (see `finish`)."""
+        for job in jobs:
+            self._queue.put(job)
+        for job in jobs:
+            job.done.wait()
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+        return [self.finish(job) for job in jobs]
+
+    def job(
         self,
         ids: list[int],
         max_tokens: int,
@@ -115,12 +270,7 @@ class ServeEngine:
         seed: int | None,
         stop: list[str],
         keep_dists: bool = True,
-    ) -> dict[str, Any]:
-        """Generate after `ids`; returns text, new ids, their (V,) log-prob rows (when keep_dists), finish_reason.
-
-        A generated EOS stays in the ids and log-prob rows (and counts as a completion token), as vLLM reports it: a
-        scoring request whose most likely next token is EOS still gets its top log-probs. Only the text leaves it out.
-        """
+    ) -> _Job:
         limit = self.backend.max_context
         if len(ids) > limit:
             raise RequestError(
@@ -130,26 +280,78 @@ class ServeEngine:
                 "prompt",
             )
         room = min(max_tokens, limit - len(ids) + 1)  # the last new token needs no position of its own
-        gen = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+        stops = list(stop) + [s for s in self.special_texts if s not in stop]
+        return _Job(list(ids), room, temperature, top_k, top_p, seed, stops, keep_dists)
+
+    def complete(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, top_k: int,
+                 seed: int | None, stop: list[str], keep_dists: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Generate after `ids` (one sequence); see `finish` for the result."""
+        return self.generate([self.job(ids, max_tokens, temperature, top_p, top_k, seed, stop, keep_dists)])[0]
+
+    def finish(self, job: _Job) -> dict[str, Any]:
+        """text, ids, their (V,) log-prob rows (when keep_dists), text offsets, finish_reason, prompt_tokens.
+
+        A generated EOS stays in the ids and log-prob rows (and counts as a completion token), as vLLM reports it: a
+        scoring request whose most likely next token is EOS still gets its top log-probs. The text never holds special
+        tokens (nor their text spelled out) nor a stop string: it ends before the first one, and the ids end with the
+        last token whose text lies wholly before it. offsets[i] is where token i's text starts in the text.
+        """
+        new, dists = list(job.new), list(job.dists)
         eos = self.tokenizer.eos_token_id
+        ended = bool(new) and new[-1] == eos
+        body = new[:-1] if ended else new
 
-        def hit_stop(new: list[int]) -> bool:
-            return bool(stop) and any(s in self.tokenizer.decode(new, skip_special_tokens=True) for s in stop)
+        def decoded(n: int) -> str:
+            return self.tokenizer.decode(body[:n], skip_special_tokens=True)
 
-        with self.lock:
-            new, dists = decode_one(self.model, ids, room, eos, temperature, top_k, top_p, gen, hit_stop, keep_dists)
-        finish = "stop" if (new and new[-1] == eos) else "length"
-        text = self.tokenizer.decode(new[:-1] if finish == "stop" else new, skip_special_tokens=True)
-        for s in stop:
-            if s in text:
-                text, finish = text[: text.index(s)], "stop"
-        return {"text": text, "ids": new, "dists": dists, "finish_reason": finish, "prompt_tokens": len(ids)}
+        text = decoded(len(body))
+        finish = "stop" if ended else "length"
+        cuts = [text.index(s) for s in job.stops if s in text]
+        if cuts:
+            cut = min(cuts)
+            text, finish = text[:cut], "stop"
+            keep = len(body)
+            while keep > 0 and len(decoded(keep)) > cut:
+                keep -= 1
+            new = body[:keep]
+        dists = dists[: len(new)] if job.keep_dists else []
+        offsets = [min(len(decoded(i)), len(text)) for i in range(len(new))]
+        return {
+            "text": text,
+            "ids": new,
+            "dists": dists,
+            "offsets": offsets,
+            "finish_reason": finish,
+            "prompt_tokens": len(job.ids),
+            "completion_tokens": len(job.new),
+        }
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
 
 # --- request parsing -------------------------------------------------------------------------------------------------
+
+# Fields this server does not implement: a request that sets one (to anything but its no-op value) is a 400 naming the
+# field, instead of an answer that silently ignores it.
+_UNSUPPORTED: dict[str, Any] = {
+    "tools": None, "tool_choice": None, "functions": None, "function_call": None, "parallel_tool_calls": None,
+    "response_format": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
+    "repetition_penalty": 1, "suffix": None, "best_of": 1, "echo": False, "audio": None, "modalities": None,
+    "prediction": None, "web_search_options": None, "reasoning_effort": None, "guided_json": None,
+    "guided_regex": None, "guided_choice": None, "guided_grammar": None, "min_tokens": 0, "prompt_logprobs": None,
+    "use_beam_search": False, "length_penalty": 1, "min_p": 0,
+}  # fmt: skip
+
+
+def _no_op(value: Any, default: Any) -> bool:
+    return value is None or value == default or (default is None and value in ({}, [], ""))
+
+
+def _reject_unsupported(body: dict[str, Any]) -> None:
+    for key, default in _UNSUPPORTED.items():
+        if key in body and not _no_op(body[key], default):
+            raise RequestError(400, f"{key} is not supported by rlxf serve (got {body[key]!r}); leave it out", key)
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -171,11 +373,7 @@ def _integer(body: dict[str, Any], key: str, default: int | None, lo: int, hi: i
 
 
 def _sampling(body: dict[str, Any], max_tokens_default: int) -> dict[str, Any]:
-    for key, bad in (("stream", True), ("echo", True)):
-        if body.get(key) == bad:
-            raise RequestError(400, f"{key}=true is not supported by rlxf serve", key)
-    if body.get("n", 1) != 1:
-        raise RequestError(400, "n must be 1 in rlxf serve (send one request per sample)", "n")
+    _reject_unsupported(body)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -191,14 +389,54 @@ def _sampling(body: dict[str, Any], max_tokens_default: int) -> dict[str, Any]:
     }
 
 
+def _seed(seed: int | None, j: int) -> int | None:
+    """Choice j of a seeded request samples with seed + j (wrapped to 64 bits): n choices differ, and each repeats."""
+    return None if seed is None else (seed + j + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def _content(m: dict[str, Any], i: int) -> str:
+    """A message's text: a string, a list of text parts, or null (an assistant turn only)."""
+    content = m.get("content")
+    if isinstance(content, str):
+        return content
+    if content is None and m.get("role") == "assistant":
+        if m.get("tool_calls") or m.get("function_call"):
+            raise RequestError(400, f"messages[{i}].tool_calls are not supported by rlxf serve", "messages")
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RequestError(
+                    400,
+                    f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}; rlxf serve "
+                    f"does not support {kind!r} parts",
+                    "messages",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(
+        400, f"messages[{i}].content must be a string, a list of text parts, or null (assistant)", "messages"
+    )
+
+
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(400, f"messages[{i}] must be an object with string 'role' and 'content'", "messages")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        if m["role"] == "tool" or m.get("tool_calls"):
+            raise RequestError(400, f"messages[{i}]: tool messages and tool_calls are not supported", "messages")
+        out.append({"role": m["role"], "content": _content(m, i)})
+    return out
+
+
+def _sse(payload: Any) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
 
 # --- HTTP ------------------------------------------------------------------------------------------------------------
@@ -296,11 +534,25 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         if path in ("/health", "/v1/health"):
             self.send_json(200, {"status": "ok"})
         elif path == "/v1/models":
-            engine = self.server.engine
-            model = {"id": engine.name, "object": "model", "created": 0, "owned_by": "rlxf"}
-            self.send_json(200, {"object": "list", "data": [model]})
+            self.send_json(200, {"object": "list", "data": [self._model_card()]})
+        elif path.startswith("/v1/models/"):
+            name = unquote(path.removeprefix("/v1/models/"))
+            if name == self.server.engine.name:
+                self.send_json(200, self._model_card())
+            else:
+                self.send_error_json(
+                    404,
+                    f"The model `{name}` does not exist; this server serves {self.server.engine.name!r}",
+                    "model",
+                    kind="not_found_error",
+                )
         else:
             self.send_error_json(404, f"no route GET {path}; try /v1/models", kind="not_found_error")
+
+    def _model_card(self) -> dict[str, Any]:
+        engine = self.server.engine
+        return {"id": engine.name, "object": "model", "created": 0, "owned_by": "rlxf",
+                "max_model_len": engine.backend.max_context}  # fmt: skip
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?")[0].rstrip("/")
@@ -321,11 +573,13 @@ class OpenAIHandler(BaseHTTPRequestHandler):
                     "not_found_error",
                 )
             if path == "/v1/completions":
-                self.send_json(200, self.completions(body))
+                reply = self.completions(body)
             elif path == "/v1/chat/completions":
-                self.send_json(200, self.chat_completions(body))
+                reply = self.chat_completions(body)
             else:
                 raise RequestError(404, f"no route POST {path}; use /v1/completions or /v1/chat/completions")
+            if reply is not None:  # None: streamed
+                self.send_json(200, reply)
         except RequestError as e:
             self.send_error_json(e.status, e.message, e.param, e.kind)
         except (ValueError, TypeError) as e:  # e.g. a chat template that rejects the messages
@@ -336,94 +590,182 @@ class OpenAIHandler(BaseHTTPRequestHandler):
 
     # -- routes
 
-    def completions(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _stream(self, body: dict[str, Any]) -> tuple[bool, bool]:
+        """(stream, include_usage) from `stream` / `stream_options`."""
+        stream = body.get("stream") or False
+        if not isinstance(stream, bool):
+            raise RequestError(400, f"stream must be a boolean, got {stream!r}", "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise RequestError(400, "stream_options must be an object", "stream_options")
+        return stream, bool(options.get("include_usage")) and stream
+
+    def send_stream(self, events: Any) -> None:
+        """Server-sent events, one `data:` line per chunk, ending with `data: [DONE]`; the connection closes after."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for event in events:
+            self.wfile.write(_sse(event))
+            self.wfile.flush()
+        self.wfile.write(_sse("[DONE]"))
+        self.wfile.flush()
+
+    @staticmethod
+    def _pieces(out: dict[str, Any]) -> list[tuple[int, str]]:
+        """(token position, the text it adds) for each returned token; the text joins to out["text"]."""
+        text, offsets, pos, pieces = out["text"], out["offsets"], 0, []
+        for i in range(len(out["ids"])):
+            end = offsets[i + 1] if i + 1 < len(offsets) else len(text)
+            end = max(pos, end)
+            pieces.append((i, text[pos:end]))
+            pos = end
+        if pos < len(text):  # never for well-formed offsets
+            pieces.append((-1, text[pos:]))
+        return pieces
+
+    def _usage(self, outs: list[dict[str, Any]], prompts: int | None = None) -> dict[str, int]:
+        # n choices of one prompt share it: the prompt counts once per prompt, as OpenAI and vLLM count it
+        n = max(1, len(outs) // (prompts or 1))
+        prompt_tokens = sum(o["prompt_tokens"] for o in outs[::n])
+        completion = sum(o["completion_tokens"] for o in outs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}  # fmt: skip
+
+    def _completion_logprobs(self, out: dict[str, Any], k: int, tokens: list[int]) -> dict[str, Any]:
+        engine = self.server.engine
+        return {
+            "tokens": [engine.token_text(out["ids"][i]) for i in tokens],
+            "token_logprobs": [float(out["dists"][i][out["ids"][i]]) for i in tokens],
+            # the sampled token is always listed
+            "top_logprobs": [topk_map(out["dists"][i], k, engine.tokenizer, [out["ids"][i]]) for i in tokens],
+            "text_offset": [out["offsets"][i] for i in tokens],
+        }
+
+    def _chat_logprobs(self, out: dict[str, Any], k: int, tokens: list[int]) -> list[dict[str, Any]]:
+        content = []
+        for i in tokens:
+            t, dist = out["ids"][i], out["dists"][i]
+            top_ids = dist.topk(min(k, dist.shape[-1])).indices.tolist() if k else []
+            tops = [self._entry(j, float(dist[j])) for j in top_ids]
+            content.append({**self._entry(t, float(dist[t])), "top_logprobs": tops})
+        return content
+
+    def completions(self, body: dict[str, Any]) -> dict[str, Any] | None:
         engine = self.server.engine
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise RequestError(400, "prompt must be a string or a non-empty list of strings", "prompt")
-        if len(prompts) > self.server.max_prompts:
+        limit = self.server.max_prompts
+        if len(prompts) > limit:
             raise RequestError(
                 400,
-                f"at most {self.server.max_prompts} prompts per request, got {len(prompts)}: send several requests "
+                f"at most {limit} prompts per request, got {len(prompts)}: send several requests "
                 "(rlxf serve --max_prompts)",
                 "prompt",
             )
         params = _sampling(body, 16)
+        n = _integer(body, "n", 1, 1, limit)
+        if n * len(prompts) > limit:
+            raise RequestError(
+                400, f"n × prompts is at most {limit} sequences per request, got {n} × {len(prompts)}", "n"
+            )
         k = _integer(body, "logprobs", None, 0, engine.max_logprobs)
-        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
-        for index, text in enumerate(prompts):
-            out = engine.complete(
-                engine.tokenizer.encode(text, add_special_tokens=True), **params, keep_dists=k is not None
-            )
-            logprobs = None
-            if k is not None:
-                tokens = [engine.token_text(t) for t in out["ids"]]
-                offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-                tops = []
-                for t, dist in zip(out["ids"], out["dists"]):
-                    top = topk_map(dist, k, engine.tokenizer, [t])  # the sampled token is always listed
-                    tops.append(top)
-                logprobs = {
-                    "tokens": tokens,
-                    "token_logprobs": [float(d[t]) for t, d in zip(out["ids"], out["dists"])],
-                    "top_logprobs": tops,
-                    "text_offset": offsets,
-                }
-            choices.append(
-                {"index": index, "text": out["text"], "logprobs": logprobs, "finish_reason": out["finish_reason"]}
-            )
-            usage["prompt_tokens"] += out["prompt_tokens"]
-            usage["completion_tokens"] += len(out["ids"])
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": engine.name,
-            "choices": choices,
-            "usage": usage,
-        }
+        stream, include_usage = self._stream(body)
+        jobs = []
+        for text in prompts:
+            ids = engine.tokenizer.encode(text, add_special_tokens=True)
+            for j in range(n):
+                jobs.append(engine.job(ids, **{**params, "seed": _seed(params["seed"], j)}, keep_dists=k is not None))
+        outs = engine.generate(jobs)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": engine.name}  # fmt: skip
+        usage = self._usage(outs, len(prompts))
+        if stream:
 
-    def chat_completions(self, body: dict[str, Any]) -> dict[str, Any]:
+            def events() -> Any:
+                for index, out in enumerate(outs):
+                    for i, piece in self._pieces(out):
+                        if not piece and (k is None or i < 0):
+                            continue
+                        lp = self._completion_logprobs(out, k, [i]) if k is not None and i >= 0 else None
+                        yield {**head, "choices": [{"index": index, "text": piece, "logprobs": lp,
+                                                    "finish_reason": None}]}  # fmt: skip
+                    yield {**head, "choices": [{"index": index, "text": "", "logprobs": None,
+                                                "finish_reason": out["finish_reason"]}]}  # fmt: skip
+                if include_usage:
+                    yield {**head, "choices": [], "usage": usage}
+
+            self.send_stream(events())
+            return None
+        choices = [
+            {
+                "index": index,
+                "text": out["text"],
+                "logprobs": None if k is None else self._completion_logprobs(out, k, list(range(len(out["ids"])))),
+                "finish_reason": out["finish_reason"],
+            }
+            for index, out in enumerate(outs)
+        ]
+        return {**head, "choices": choices, "usage": usage}
+
+    def chat_completions(self, body: dict[str, Any]) -> dict[str, Any] | None:
         engine = self.server.engine
         messages = _messages(body)
         params = _sampling(body, 256)
+        n = _integer(body, "n", 1, 1, self.server.max_prompts)
         cont = bool(body.get("continue_final_message", False))
         add_gen = bool(body.get("add_generation_prompt", not cont))
         if cont and messages[-1]["role"] != "assistant":
             raise RequestError(400, "continue_final_message needs a final assistant message", "messages")
-        want = bool(body.get("logprobs", False))
+        want = body.get("logprobs") or False
+        if not isinstance(want, bool):
+            raise RequestError(400, f"logprobs must be a boolean in chat completions, got {want!r}", "logprobs")
         k = _integer(body, "top_logprobs", 0, 0, engine.max_logprobs) if want else 0
+        stream, include_usage = self._stream(body)
         try:
             text = apply_chat(engine.tokenizer, messages, add_gen, cont)
         except ValueError as e:
             raise RequestError(400, str(e), "messages") from None
-        out = engine.complete(engine.tokenizer.encode(text, add_special_tokens=False), **params, keep_dists=want)
-        logprobs = None
-        if want:
-            content = []
-            for t, dist in zip(out["ids"], out["dists"]):
-                top_ids = dist.topk(min(k, dist.shape[-1])).indices.tolist() if k else []
-                tops = [self._entry(i, float(dist[i])) for i in top_ids]
-                content.append({**self._entry(t, float(dist[t])), "top_logprobs": tops})
-            logprobs = {"content": content}
-        usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": len(out["ids"])}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": out["text"]},
-            "logprobs": logprobs,
-            "finish_reason": out["finish_reason"],
-        }
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": engine.name,
-            "choices": [choice],
-            "usage": usage,
-        }
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        jobs = [engine.job(ids, **{**params, "seed": _seed(params["seed"], j)}, keep_dists=want) for j in range(n)]
+        outs = engine.generate(jobs)
+        usage = self._usage(outs)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name}
+        if stream:
+            head["object"] = "chat.completion.chunk"
+
+            def chunk(index: int, delta: dict[str, Any], lp: Any = None, finish: str | None = None) -> dict:
+                return {**head, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+            def events() -> Any:
+                for index, out in enumerate(outs):
+                    yield chunk(index, {"role": "assistant", "content": ""})
+                    for i, piece in self._pieces(out):
+                        if not piece and (not want or i < 0):
+                            continue
+                        lp = {"content": self._chat_logprobs(out, k, [i])} if want and i >= 0 else None
+                        yield chunk(index, {"content": piece}, lp)
+                    yield chunk(index, {}, None, out["finish_reason"])
+                if include_usage:
+                    yield {**head, "choices": [], "usage": usage}
+
+            self.send_stream(events())
+            return None
+        choices = [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": out["text"]},
+                "logprobs": {"content": self._chat_logprobs(out, k, list(range(len(out["ids"]))))} if want else None,
+                "finish_reason": out["finish_reason"],
+            }
+            for index, out in enumerate(outs)
+        ]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.server.engine.token_text(token_id)
@@ -459,12 +801,15 @@ def run_serve(cfg: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
     if not cfg.model:
         raise UserError("serve needs --model DIR (a save_pretrained directory)")
-    if cfg.max_body_bytes < 1 or cfg.read_timeout <= 0 or cfg.max_prompts < 1 or cfg.backlog < 1:
+    if cfg.max_body_bytes < 1 or cfg.read_timeout <= 0 or cfg.max_prompts < 1 or cfg.backlog < 1 or cfg.batch_size < 1:
         raise UserError(
-            f"serve needs --max_body_bytes >= 1, --read_timeout > 0, --max_prompts >= 1, --backlog >= 1; got "
-            f"{cfg.max_body_bytes}, {cfg.read_timeout}, {cfg.max_prompts}, {cfg.backlog}"
+            f"serve needs --max_body_bytes >= 1, --read_timeout > 0, --max_prompts >= 1, --backlog >= 1, "
+            f"--batch_size >= 1; got {cfg.max_body_bytes}, {cfg.read_timeout}, {cfg.max_prompts}, {cfg.backlog}, "
+            f"{cfg.batch_size}"
         )
-    engine = ServeEngine.load(cfg.model, cfg.served_model_name, cfg.device or None, cfg.max_logprobs, cfg.max_context)
+    engine = ServeEngine.load(
+        cfg.model, cfg.served_model_name, cfg.device or None, cfg.max_logprobs, cfg.max_context, cfg.batch_size
+    )
     server = OpenAIServer(
         (cfg.host, cfg.port),
         OpenAIHandler,
