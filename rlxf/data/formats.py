@@ -406,6 +406,19 @@ def _extras(row: dict[str, Any], out: dict[str, Any], skip: tuple[str, ...]) -> 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _prompt_end(chosen: str) -> int:
+    """Where the implicit prompt of an HH-RLHF `chosen` dialogue ends: just after its last "\n\nAssistant:"."""
+    cut = chosen.rfind(HH_ASSISTANT_MARKER)
+    if cut < 0:
+        raise _BadRow(
+            "missing_field",
+            "prompt",
+            f"missing 'prompt', and 'chosen' holds no {HH_ASSISTANT_MARKER!r} turn to split an implicit prompt "
+            "from (HH-RLHF format)",
+        )
+    return cut + len(HH_ASSISTANT_MARKER)
+
+
 def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     """Split an implicit-prompt pair (whole dialogues in `chosen` / `rejected`) into (prompt, chosen, rejected).
 
@@ -416,15 +429,7 @@ def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     Raises _BadRow (no marker, dialogues that differ before the last turn, mixed forms).
     """
     if isinstance(chosen, str) and isinstance(rejected, str):
-        cut = chosen.rfind(HH_ASSISTANT_MARKER)
-        if cut < 0:
-            raise _BadRow(
-                "missing_field",
-                "prompt",
-                f"missing 'prompt', and 'chosen' holds no {HH_ASSISTANT_MARKER!r} turn to split an implicit prompt "
-                "from (HH-RLHF format)",
-            )
-        cut += len(HH_ASSISTANT_MARKER)
+        cut = _prompt_end(chosen)
         cut_r = rejected.rfind(HH_ASSISTANT_MARKER) + len(HH_ASSISTANT_MARKER)
         if cut_r != cut or rejected[:cut] != chosen[:cut]:
             raise _BadRow(
@@ -544,15 +549,7 @@ def normalize_sft_from_preference(row: dict[str, Any], allow_empty_responses: bo
     if row.get("prompt") is not None:
         prompt = _text(row["prompt"], "prompt", response=False)
     elif isinstance(chosen, str):
-        cut = chosen.rfind(HH_ASSISTANT_MARKER)
-        if cut < 0:
-            raise _BadRow(
-                "missing_field",
-                "prompt",
-                f"missing 'prompt', and 'chosen' holds no {HH_ASSISTANT_MARKER!r} turn to split an implicit prompt "
-                "from (HH-RLHF format)",
-            )
-        cut += len(HH_ASSISTANT_MARKER)
+        cut = _prompt_end(chosen)
         prompt, chosen = chosen[:cut], chosen[cut:]
     else:
         if len(chosen) < 2 or chosen[-1]["role"] != "assistant":
