@@ -406,4 +406,13 @@ def test_cli_label_killed_and_resumed(tmp_path, engine, server):
     fresh.backend = BackendConfig(kind="openai", base_url=server, model="tiny")
     run_label(fresh)
     resumed, uninterrupted = read_rows(out), read_rows(tmp_path / "fresh.jsonl")
-    assert len(resumed) == 12 and resumed == uninterrupted  # same server, same numbers: equal to the last bit
+    # equal up to float rounding: `rlxf serve` batches concurrent requests, and a row padded into a different batch
+    # rounds differently in its last bits (~1e-7), as on any batching server
+    assert len(resumed) == len(uninterrupted) == 12
+    for got, want in zip(resumed, uninterrupted):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+            else:
+                assert got[key] == value, key
