@@ -24,6 +24,7 @@ from rlxf.backends.base import (
 )
 from rlxf.data.tokenize import pad
 from rlxf.feedback.label_math import label_token_ids
+from rlxf.hf import forward_with_cache
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ def decode_one(
     inp = torch.tensor([list(ids)], device=device)  # (1, L)
     past, new_ids, dists = None, [], []
     for _ in range(max_new_tokens):
-        out = model(input_ids=inp, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+        out, past = forward_with_cache(model, past, input_ids=inp, logits_to_keep=1)
         logits = out.logits[0, -1].float()  # (V,)
         if keep_dists:
             dists.append(logits.log_softmax(-1).cpu())
