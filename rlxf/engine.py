@@ -111,6 +111,9 @@ class TrainConfig:
     dropout: bool = False
     """Keep the model's dropout layers active in training; off by default as TRL does (dropout makes the policy's
     log-probs noisy against the reference's, so DPO / PPO ratios do not start at 1)."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them: much less memory
+    for long sequences, about one more forward pass of time. The gradients are the same."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -190,12 +193,37 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """Turn on activation checkpointing in every Hugging Face model inside `model` (a policy, a RewardModel's
+    backbone, PPO's policy + critic); returns how many. Non-reentrant checkpointing: it needs no input that requires
+    grad (frozen embeddings, adapters) and gives the same gradients as without."""
+    from transformers import PreTrainedModel
+
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+    if not models:
+        raise UserError(
+            f"--train.gradient_checkpointing: {type(model).__name__} holds no transformers model that supports it; "
+            "turn the option off"
+        )
+    for m in models:
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return len(models)
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether any block of `model` recomputes its activations in the backward pass (any transformers version)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 # Fields of TrainConfig that may differ between a run and the checkpoint it resumes: they change how long the run is
 # or what it writes, not which updates it makes. max_steps / epochs may grow to continue a run (the LR schedule is then
 # recomputed for the new length, which the engine warns about).
 RESUME_MAY_CHANGE = frozenset(
     {"resume", "overwrite", "stop_after", "max_steps", "epochs", "progress", "report_to", "log_every", "eval_every",
-     "save_every", "keep_checkpoints", "threads"}
+     "save_every", "keep_checkpoints", "threads", "gradient_checkpointing"}
 )  # fmt: skip
 
 # A step's loss above LOSS_SPIKE_FACTOR × the median |loss| of the previous LOSS_WINDOW steps (at least
@@ -280,6 +308,8 @@ class Engine:
 
         if not cfg.dropout:
             disable_dropout(model)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         params: list[Any] = [p for p in model.parameters() if p.requires_grad]
         if param_groups is not None:  # e.g. PPO's critic with its own learning rate
             params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
