@@ -80,6 +80,11 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """'auto' uses bf16 on a GPU that supports it and fp32 otherwise."""
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """dtype of the weights every model of the stage is loaded in (policy, reference, reward and value models).
+    float32 keeps fp32 master weights under `mixed_precision` (the safe default); bfloat16 halves the memory of
+    weights, gradients and optimiser state (pure bf16 training: less precise updates); auto keeps each checkpoint's
+    own dtype."""
     seed: int = 0
     """Seed of the data order and of every random draw in training."""
     length_bucketing: bool = True
@@ -118,6 +123,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def load_kwargs(self) -> dict[str, Any]:
+        """What `from_pretrained` needs to load weights in `torch_dtype`."""
+        return {"dtype": TORCH_DTYPES[self.torch_dtype]}
+
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its range (the CLI prints it as one line)."""
 
@@ -145,8 +154,17 @@ class TrainConfig:
         need(self.lr_schedule in ("cosine", "linear", "constant"), "lr_schedule", "cosine, linear or constant")
         need(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision", "auto, no, bf16 or fp16")
         need(self.report_to in ("tensorboard", "none"), "report_to", "tensorboard or none")
+        need(self.torch_dtype in TORCH_DTYPES, "torch_dtype", "float32, bfloat16, float16 or auto")
         if self.resume and self.overwrite:
             raise UserError("train.resume and train.overwrite exclude each other: continue the run or replace it")
+
+
+TORCH_DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
 
 
 def resolve_mixed_precision(choice: str) -> str:

@@ -278,7 +278,7 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     last evaluation."""
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, tokenizer=tokenizer)
+        model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
     out = Path(cfg.out)
 
     def encoded(raw: list[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -344,7 +344,11 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
         engine.log(asr_metrics)  # once, at step 0: what the masks keep of the training pairs
 
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = load_model(cfg.ref_model or cfg.model, what="reference model").to(engine.device).eval()
+    ref = (
+        load_model(cfg.ref_model or cfg.model, what="reference model", **cfg.train.load_kwargs())
+        .to(engine.device)
+        .eval()
+    )
     ref.requires_grad_(False)
     if cfg.reference == "cached":
         for split, split_rows in (("train", rows), ("eval", eval_rows)):

@@ -397,10 +397,12 @@ def ppo_loss(
 
 
 def load_actor_critic(cfg: PPOConfig, model: nn.Module | None) -> ActorCritic:
-    policy = model if model is not None else load_model(cfg.model)
+    policy = model if model is not None else load_model(cfg.model, **cfg.train.load_kwargs())
     value_model = None
     if not cfg.shared_value_head:
-        value_model = load_model(cfg.value_model or cfg.model, RewardModel.from_pretrained, "value model")
+        value_model = load_model(
+            cfg.value_model or cfg.model, RewardModel.from_pretrained, "value model", **cfg.train.load_kwargs()
+        )
     return ActorCritic(policy, value_model)
 
 
@@ -431,7 +433,11 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
     world = load_gold_world(cfg.gold_world)
     credit_source = build_reward_source(cfg.credit.token_reward, engine.device) if cfg.credit.token_reward else None
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = load_model(cfg.ref_model or cfg.model, what="reference model").to(engine.device).eval()
+    ref = (
+        load_model(cfg.ref_model or cfg.model, what="reference model", **cfg.train.load_kwargs())
+        .to(engine.device)
+        .eval()
+    )
     ref.requires_grad_(False)
     if cfg.kl_target > 0:
         kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)

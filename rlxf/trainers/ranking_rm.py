@@ -176,7 +176,9 @@ def train_ranking_reward_model(cfg: RankingRewardModelConfig, model: RewardModel
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
         torch.manual_seed(cfg.train.seed)  # the new reward head is drawn here, before the engine seeds
-        model = load_model(cfg.model, RewardModel.from_pretrained, "reward model", tokenizer=tokenizer)
+        model = load_model(
+            cfg.model, RewardModel.from_pretrained, "reward model", tokenizer=tokenizer, **cfg.train.load_kwargs()
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     out = Path(cfg.out)
 

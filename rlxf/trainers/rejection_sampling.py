@@ -161,7 +161,7 @@ def train_rejection_sampling(cfg: RejectionSamplingConfig, model: torch.nn.Modul
         raise UserError("--prompts-file and --reward are required (see `rlxf rejection-sampling --help`)")
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, tokenizer=tokenizer)
+        model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
     out = Path(cfg.out)
     rows = load_encoded(
         load_prompts, encode_prompts, cfg.prompts_file, tokenizer, out, "prompts", cfg.on_bad_row,

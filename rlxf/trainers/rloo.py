@@ -211,7 +211,7 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
         raise UserError("--prompts-file and --reward are required (see `rlxf rloo --help` for the reward spec)")
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, tokenizer=tokenizer)
+        model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
     out = Path(cfg.out)
     rows = load_encoded(
         load_prompts, encode_prompts, cfg.prompts_file, tokenizer, out, "prompts", cfg.on_bad_row,
@@ -224,7 +224,11 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
     world = load_gold_world(cfg.gold_world)
 
     # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = load_model(cfg.ref_model or cfg.model, what="reference model").to(engine.device).eval()
+    ref = (
+        load_model(cfg.ref_model or cfg.model, what="reference model", **cfg.train.load_kwargs())
+        .to(engine.device)
+        .eval()
+    )
     ref.requires_grad_(False)
 
     for micro_batches in engine.steps(rows, collate_prompts):

@@ -106,7 +106,7 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module | None = None) -> dict[str,
     """Fine-tune `cfg.model` on `cfg.train_file`; returns the metric history and the final evaluation."""
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, tokenizer=tokenizer)
+        model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
     out = Path(cfg.out)
     load = functools.partial(
         load_sft,
