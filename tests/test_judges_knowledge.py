@@ -7,10 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from rlxf.hf import load_tokenizer
-from rlxf.models.reward_model import RewardModel
 from rlxf.worlds.factworld import fact_row, load_factworld
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,21 +42,19 @@ def test_judge_answer_reads_the_first_statement_of_the_asked_attribute(factworld
     assert knowledge.judge_answer(row, " I like soup.") == (False, False)
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory, factworld_sft_dir):
-    out = tmp_path_factory.mktemp("knowledge-rm")
-    torch.manual_seed(0)
-    rm = RewardModel.from_pretrained(factworld_sft_dir)
-    torch.nn.init.normal_(rm.hf.score.weight, std=1.0)
-    rm.save_pretrained(out)
-    load_tokenizer(factworld_sft_dir).save_pretrained(out)
-    return out
-
-
-def test_knowledge_table_on_a_small_world(factworld_dir, factworld_sft_dir, rm_dir, tmp_path):
+def test_knowledge_table_on_a_small_world(factworld_dir, factworld_sft_dir, factworld_rm_dir, tmp_path):
     out = tmp_path / "knowledge.json"
     result = knowledge.main(
-        ["--world", str(factworld_dir), "--lm", f"sft={factworld_sft_dir}", "--rm", f"rm={rm_dir}", "--out", str(out)]
+        [
+            "--world",
+            str(factworld_dir),
+            "--lm",
+            f"sft={factworld_sft_dir}",
+            "--rm",
+            f"rm={factworld_rm_dir}",
+            "--out",
+            str(out),
+        ]
     )
     assert json.loads(out.read_text()) == result
     world = load_factworld(factworld_dir)
