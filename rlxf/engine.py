@@ -231,11 +231,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
     return len(models)
 
 
-def is_checkpointing(model: torch.nn.Module) -> bool:
-    """Whether any block of `model` recomputes its activations in the backward pass (any transformers version)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
 # Fields of TrainConfig that may differ between a run and the checkpoint it resumes: they change how long the run is
 # or what it writes, not which updates it makes. max_steps / epochs may grow to continue a run (the LR schedule is then
 # recomputed for the new length, which the engine warns about).

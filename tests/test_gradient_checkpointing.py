@@ -9,7 +9,7 @@ from engine_toy import run_toy
 from test_engine import first_step_gradients
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from rlxf.engine import enable_gradient_checkpointing, is_checkpointing
+from rlxf.engine import enable_gradient_checkpointing
 from rlxf.errors import UserError
 from rlxf.models.reward_model import RewardModel
 
@@ -24,6 +24,11 @@ def _model(kind: str) -> torch.nn.Module:
                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # fmt: skip
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether any block of `model` recomputes its activations in the backward pass (any transformers version)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
