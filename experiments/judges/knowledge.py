@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from rlxf.data.tokenize import encode_prompts  # noqa: E402
 from rlxf.evaluation import RewardModelScorer  # noqa: E402
 from rlxf.hf import default_device, load_policy  # noqa: E402
+from rlxf.losses import pairwise_accuracy  # noqa: E402
 from rlxf.sampling import GenerationSettings, decode_samples, generate  # noqa: E402
 from rlxf.worlds.factworld import ATTRIBUTES, fact_row, load_factworld, score_response  # noqa: E402
 
@@ -102,11 +103,11 @@ def rm_knowledge(rm_dir: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     scorer = RewardModelScorer(rm_dir)
     chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     rejected = scorer.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    outcomes = pairwise_accuracy(torch.tensor(chosen), torch.tensor(rejected), reduction="none").tolist()
     human: dict[str, list[float]] = defaultdict(list)
     gold: dict[str, list[float]] = defaultdict(list)
-    for p, rc, rr in zip(pairs, chosen, rejected):
+    for p, outcome in zip(pairs, outcomes):
         kind = pair_type(p["chosen"], p["rejected"])
-        outcome = 1.0 if rc > rr else 0.5 if rc == rr else 0.0
         human[kind].append(outcome)
         if p["gold_chosen"] != p["gold_rejected"]:
             gold[kind].append(outcome if p["gold_chosen"] > p["gold_rejected"] else 1.0 - outcome)
@@ -127,9 +128,11 @@ def rm_knowledge(rm_dir: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def gold_ceiling(pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """The gold scorer as a judge: its agreement with the human labels (what label noise leaves), by pair type."""
+    gold = pairwise_accuracy(
+        torch.tensor([p["gold_chosen"] for p in pairs]), torch.tensor([p["gold_rejected"] for p in pairs]), "none"
+    ).tolist()
     out: dict[str, list[float]] = defaultdict(list)
-    for p in pairs:
-        g = 1.0 if p["gold_chosen"] > p["gold_rejected"] else 0.5 if p["gold_chosen"] == p["gold_rejected"] else 0.0
+    for p, g in zip(pairs, gold):
         out[pair_type(p["chosen"], p["rejected"])].append(g)
     every = [x for xs in out.values() for x in xs]
     return {"accuracy_human": _mean(every), "by_type": {t: _mean(out[t]) for t in PAIR_TYPES}}
