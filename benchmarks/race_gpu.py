@@ -64,6 +64,7 @@ class RaceExtras:
     kind: str  # "pairs" (bench_trl.Spec) or "rloo" (bench_trl_rloo.Spec)
     precision: str  # "bf16" or "no"
     profile_steps: int  # steady steps profiled on CUDA (0: none)
+    rlxf_set: dict[str, Any]  # fields of rlxf's stage configs to override (e.g. pack_length_multiple=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,11 +72,27 @@ class RaceExtras:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _apply_precision(precision: str) -> None:
-    """Both sides in `precision`: rlxf's engine resolves every mixed_precision to it, TRL's configs get bf16."""
+def _apply_settings(precision: str, rlxf_set: dict[str, Any]) -> None:
+    """Both sides in `precision` (rlxf's engine resolves every mixed_precision to it, TRL's configs get bf16), and
+    `rlxf_set` on rlxf's stage configs (fields that a config lacks are left out)."""
+    import dataclasses
+
     import rlxf.engine
+    from rlxf.trainers.dpo import DPOConfig
+    from rlxf.trainers.rloo import RLOOConfig
+    from rlxf.trainers.rm import RewardModelConfig
 
     rlxf.engine.resolve_mixed_precision = lambda choice: precision
+    for cls in (DPOConfig, RewardModelConfig, RLOOConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        own = {k: v for k, v in rlxf_set.items() if k in names}
+        if own:
+            original_init = cls.__init__
+
+            def init_with(self, *args, __original=original_init, __own=own, **kwargs):
+                __original(self, *args, **(kwargs | __own))
+
+            cls.__init__ = init_with
     if precision == "bf16":
         import trl
 
@@ -146,7 +163,7 @@ def child_main(spec_path: str) -> None:
     bench_trl._set_threads(spec.threads)
     import torch
 
-    _apply_precision(extras.precision)
+    _apply_settings(extras.precision, extras.rlxf_set)
     t0 = time.perf_counter()
     clock = bench_trl.StepClock(spec.device)
     profiler = Profiler(spec.warmup, extras.profile_steps)
@@ -409,6 +426,15 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _parse_value(item: str) -> tuple[str, Any]:
+    """FIELD=VALUE with VALUE read as JSON (numbers, true/false) when it is JSON, else as a string."""
+    key, _, value = item.partition("=")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def parent_main(args: argparse.Namespace) -> int:
     import torch
     import transformers
@@ -433,6 +459,7 @@ def parent_main(args: argparse.Namespace) -> int:
         f"Python {platform.python_version()}"
     )
     profile_steps = args.profile_steps if device == "cuda" else 0
+    rlxf_set = dict(_parse_value(x) for x in args.rlxf_set)
     for task in args.tasks:
         report["tasks"][task] = {}
         for side in sides:
@@ -443,7 +470,7 @@ def parent_main(args: argparse.Namespace) -> int:
                 spec, kind = rloo_spec(args, side, work, run_dir, device), "rloo"
             else:
                 spec, kind = pair_spec(args, side, task, work, run_dir, device), "pairs"
-            result = run_one(spec, RaceExtras(kind, precision, profile_steps), env)
+            result = run_one(spec, RaceExtras(kind, precision, profile_steps, rlxf_set), env)
             report["tasks"][task][side] = summarise(args, task, result, info, device)
             print(f"{side} {task}: {report['tasks'][task][side]}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -461,6 +488,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--trl-tasks", nargs="*", default=None, help="run TRL only on these tasks (default: all)")
     p.add_argument("--no-trl", action="store_true", help="rlxf only")
+    p.add_argument(
+        "--rlxf-set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override fields of rlxf's DPO / RM / RLOO configs, e.g. pack_length_multiple=1 packed_attention=efficient",
+    )
     p.add_argument("--precision", choices=("bf16", "no"), default="bf16", help="on CUDA; the CPU runs fp32")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)

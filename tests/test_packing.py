@@ -103,3 +103,19 @@ def test_shape_buckets_keep_logps_and_loss(tiny_model_dir, tiny_tokenizer):
         rewards = pair_rewards(rm, collate_pairs(rows, pad_id, False, False, pack=True))
         b_rewards = pair_rewards(rm, collate_pairs(rows, pad_id, False, False, pack=True, shapes=shapes))
     torch.testing.assert_close(torch.stack(b_rewards), torch.stack(rewards), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_kernels_give_the_same_logps(tiny_model_dir, tiny_tokenizer):
+    import pytest
+
+    from rlxf.data.packing import packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = collate_dpo(random_pairs(5, len(tiny_tokenizer), seed=5), tiny_tokenizer.pad_token_id, False, pack=True)
+    with torch.no_grad():
+        auto, _ = response_logps(model, batch)
+        for choice in ("math", "efficient", "cudnn"):  # on the CPU the GPU kernels fall back to math
+            with packed_attention(choice):
+                torch.testing.assert_close(response_logps(model, batch)[0], auto, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="packed_attention"):
+        packed_attention("fast")

@@ -15,6 +15,7 @@ Shapes: B pairs, R packed rows, L row length, N response tokens of all 2B sequen
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +139,32 @@ def resolve_pack_shapes(length_multiple: int, rows_multiple: int, device: torch.
     """The configured multiples, where 0 means the default for `device` (256 / 2 on CUDA, 1 / 1 elsewhere)."""
     cuda = torch.device(device).type == "cuda"
     return PackShapes(length_multiple or (256 if cuda else 1), rows_multiple or (2 if cuda else 1))
+
+
+PACKED_SDPA_BACKENDS = ("auto", "efficient", "cudnn", "flash", "math")
+"""Choices of `packed_attention`: 'auto' leaves the choice to PyTorch; the others put that SDPA kernel first (with
+the math kernel as a fallback). Flash attention takes no mask, so PyTorch skips it for packed rows."""
+
+
+def packed_attention(choice: str) -> AbstractContextManager:
+    """A context in which SDPA calls prefer the `choice` kernel (see PACKED_SDPA_BACKENDS); forward and backward.
+
+    On a GPU PyTorch picks cuDNN attention for a boolean mask when it can; cuDNN builds an execution plan for every
+    new shape (≈ 2–3 ms of host time per call in the H200 profile), which shape buckets make rare; the
+    memory-efficient kernel needs no plan. Which is faster on a given GPU is measured by benchmarks/race_gpu.py."""
+    if choice not in PACKED_SDPA_BACKENDS:
+        raise ValueError(f"packed_attention must be one of {PACKED_SDPA_BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[choice]
+    return sdpa_kernel(list(dict.fromkeys([first, SDPBackend.MATH])), set_priority=True)
 
 
 PACKING_ATTENTION = ("sdpa", "eager")

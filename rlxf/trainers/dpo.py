@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from rlxf.config import check_ranges
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_preferences
-from rlxf.data.packing import PackShapes, check_packing_supported, pack_pairs, resolve_pack_shapes
+from rlxf.data.packing import PackShapes, check_packing_supported, pack_pairs, packed_attention, resolve_pack_shapes
 from rlxf.data.tokenize import encode_preferences, pad
 from rlxf.engine import Engine, TrainConfig
 from rlxf.errors import UserError
@@ -87,6 +87,10 @@ class DPOConfig:
     plans and memory blocks); same log-probs up to float rounding. 0: 256 on a GPU, 1 (tightest) on the CPU."""
     pack_rows_multiple: int = 0
     """Packed rows per micro-batch rounded up to a multiple of this (rows of padding); 0: 2 on a GPU, 1 on the CPU."""
+    packed_attention: Literal["auto", "efficient", "cudnn", "flash", "math"] = "auto"
+    """SDPA kernel for packed rows (their block mask): 'auto' lets PyTorch choose (cuDNN on recent GPUs, which builds
+    a plan per new shape); 'efficient' the memory-efficient kernel (no plans); 'math' the reference. No effect on
+    the CPU beyond 'math'."""
     reference: Literal["cached", "live"] = "cached"
     """'cached' computes reference log-probs once before training; 'live' keeps a frozen copy and recomputes."""
     credit: CreditConfig = field(default_factory=CreditConfig)
@@ -380,17 +384,18 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     ref_precision = engine.accelerator.autocast
     if cfg.reference == "cached":
         for split, split_rows in (("train", rows), ("eval", eval_rows)):
-            cache_reference_logps(
-                ref,
-                split_rows,
-                pad_id,
-                cfg.train.per_device_batch_size,
-                engine.device,
-                f"reference log-probs ({split})",
-                cfg.pack,
-                shapes,
-                ref_precision,
-            )
+            with packed_attention(cfg.packed_attention if cfg.pack else "auto"):
+                cache_reference_logps(
+                    ref,
+                    split_rows,
+                    pad_id,
+                    cfg.train.per_device_batch_size,
+                    engine.device,
+                    f"reference log-probs ({split})",
+                    cfg.pack,
+                    shapes,
+                    ref_precision,
+                )
         ref = None
     final_eval: dict[str, float] = {}
 
@@ -418,7 +423,8 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
         check_packing_supported(engine.unwrap())
     collate = lambda b: collate_dpo(b, pad_id, cfg.use_label_prob, cfg.pack, shapes)
     for micro_batches in engine.steps(rows, collate, lengths):
-        engine.train_step(micro_batches, lambda batch: dpo_batch_loss(policy, ref, batch, cfg, ref_precision))
+        with packed_attention(cfg.packed_attention if cfg.pack else "auto"):
+            engine.train_step(micro_batches, lambda batch: dpo_batch_loss(policy, ref, batch, cfg, ref_precision))
         if engine.should_evaluate():
             evaluate()
 
