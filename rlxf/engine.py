@@ -264,6 +264,9 @@ class Engine:
             # in bf16 and the next in fp32 would fail. The process group (PartialState) is kept.
             AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes())
+        if self.accelerator.num_processes > 1 and not self.accelerator.is_main_process:
+            # Every line once per run, from rank 0 (the CLI also quiets the other ranks before loading data).
+            logging.getLogger("rlxf").setLevel(logging.ERROR)
         sharding = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
         if sharding and several_cpu_processes() and self.accelerator.is_main_process:
             # Accelerate builds FSDP and DeepSpeed only on accelerators; on CPUs its state falls back to MULTI_CPU.
