@@ -161,6 +161,13 @@ def several_cpu_processes() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched_alone_by_accelerate() -> bool:
+    """True when `accelerate launch --num_processes N` (N > 1) ran its single-process launcher: it sets MASTER_ADDR
+    for N > 1 but starts one process without WORLD_SIZE (what it does on a machine without CUDA)."""
+    env = os.environ
+    return "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+
+
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     per_pass = cfg.per_device_batch_size * world_size
     if cfg.batch_size % per_pass:
@@ -267,6 +274,12 @@ class Engine:
         if self.accelerator.num_processes > 1 and not self.accelerator.is_main_process:
             # Every line once per run, from rank 0 (the CLI also quiets the other ranks before loading data).
             logging.getLogger("rlxf").setLevel(logging.ERROR)
+        if launched_alone_by_accelerate() and self.accelerator.num_processes == 1:
+            logger.warning(
+                "accelerate launch was asked for several processes but started this one alone (without CUDA its "
+                "launcher needs --multi_gpu, a config such as configs/accelerate/ddp.yaml, or mpirun): training "
+                "in 1 process; see the README, 'Several processes'"
+            )
         sharding = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
         if sharding and several_cpu_processes() and self.accelerator.is_main_process:
             # Accelerate builds FSDP and DeepSpeed only on accelerators; on CPUs its state falls back to MULTI_CPU.

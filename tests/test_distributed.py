@@ -73,3 +73,13 @@ def test_fsdp2_two_gloo_processes_train_like_one(tiny_model_dir, tmp_path):
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["losses"][-1] != one["losses"][0]  # it trained
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=0, atol=1e-5)
+
+
+def test_bare_accelerate_launch_on_cpus_runs_one_process_and_says_so(tiny_model_dir, tmp_path):
+    """`accelerate launch --num_processes 2` without CUDA starts one process (Accelerate's simple launcher): rlxf
+    trains alone, as before, but warns how to launch several."""
+    result = tmp_path / "one.json"
+    proc = _launch([*ACCELERATE, "--num_processes", "2", "--main_process_port", "29564", str(HERE / "engine_toy.py"),
+                    str(tiny_model_dir), str(tmp_path / "run"), "4", str(result)])  # fmt: skip
+    assert json.loads(result.read_text())["world_size"] == 1
+    assert "started this one alone" in proc.stderr and "configs/accelerate/ddp.yaml" in proc.stderr
