@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is imported
 
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
@@ -222,6 +224,9 @@ def measure(task: str, length_multiple: int, rows_multiple: int, args: argparse.
         "steps": len(per_step),
         "distinct_attention_shapes": len(shapes.seen),
         "distinct_row_lengths": len(row_lengths),
+        # token positions per forward (R·L), padding included: what the buckets cost
+        "positions_per_forward": sum(q[0] * q[2] * n for (q, _mask), n in shapes.seen.items())
+        / max(sum(shapes.seen.values()), 1),
         "shapes": sorted(f"q{q} mask{m}" for q, m in shapes.seen),
         "syncs_per_step": max(quiet) if quiet else None,
         "syncs_per_step_min": min(quiet) if quiet else None,
@@ -234,14 +239,14 @@ def measure(task: str, length_multiple: int, rows_multiple: int, args: argparse.
 def markdown(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "| task | row length multiple | rows multiple | distinct attention shapes / epoch | host syncs / step "
-        "(not logging) | host syncs / logging step | syncs by op, per step |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "(not logging) | host syncs / logging step | syncs by op, per step | positions / forward |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         ops = ", ".join(f"{k} {v:g}" for k, v in r["syncs_by_op_per_step"].items()) or "none"
         lines.append(
             f"| {r['task']} | {r['length_multiple']} | {r['rows_multiple']} | {r['distinct_attention_shapes']} | "
-            f"{r['syncs_per_step']} | {r['syncs_per_logged_step']} | {ops} |"
+            f"{r['syncs_per_step']} | {r['syncs_per_logged_step']} | {ops} | {r['positions_per_forward']:,.0f} |"
         )
     lines.append(
         f"\n{info['pairs']} HH-RLHF pairs, BPE {info['vocab']}, {args.batch_size} pairs per step (one micro-batch), "
