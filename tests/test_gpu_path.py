@@ -66,3 +66,28 @@ def test_shape_buckets_repeat_shapes():
     bucketed = {tuple(pack_pairs(b, 0, length_multiple=64, rows_multiple=2)["input_ids"].shape) for b in batches}
     assert len(bucketed) < len(tight)
     assert {r for r, _ in bucketed} <= {2, 4, 6, 8} and {n for _, n in bucketed} <= {64, 128}
+
+
+def test_reference_runs_under_the_policys_precision(tiny_model_dir, factworld_dir, tmp_path, monkeypatch):
+    """With mixed precision the DPO reference (live and cached) runs under the policy's autocast: its logits come
+    out in bf16 like the policy's (before, the reference ran in fp32 outside the engine's autocast)."""
+    import rlxf.trainers.dpo as dpo
+
+    seen: dict[str, set] = {}
+    load = dpo.load_model
+
+    def load_and_watch(*args, **kwargs):
+        model = load(*args, **kwargs)
+        what = kwargs.get("what", "policy")
+        model.lm_head.register_forward_hook(lambda m, i, out: seen.setdefault(what, set()).add(out.dtype))
+        return model
+
+    monkeypatch.setattr(dpo, "load_model", load_and_watch)
+    for reference in ("live", "cached"):
+        seen.clear()
+        train = TrainConfig(max_steps=1, batch_size=4, per_device_batch_size=4, mixed_precision="bf16",
+                            progress=False, report_to="none")  # fmt: skip
+        cfg = dpo.DPOConfig(model=str(tiny_model_dir), train_file=str(factworld_dir / "preferences_train.jsonl"),
+                            out=str(tmp_path / reference), reference=reference, train=train)  # fmt: skip
+        dpo.train_dpo(cfg)
+        assert seen == {"policy": {torch.bfloat16}, "reference model": {torch.bfloat16}}, (reference, seen)
