@@ -1,7 +1,7 @@
 """The bf16 GPU race: rlxf against TRL on real HH-RLHF pairs and a ~0.4B Llama, DPO (cached and live reference),
 reward model and RLOO, each side in its own process on identical token ids and rows.
 
-    .venv/bin/python benchmarks/race_gpu.py --out benchmarks/results/gpu          # one GPU, bf16 (~15 min on an H200)
+    .venv/bin/python benchmarks/race_gpu.py --out benchmarks/results/gpu          # one GPU, bf16 (≈ 6 min on an H200, estimated)
     .venv/bin/python benchmarks/race_gpu.py --tiny --out /tmp/race                 # CPU, fp32, seconds (the test)
 
 Inputs, built once by the parent: the Anthropic HH-RLHF sample in tests/data/hh_rlhf (harmless-base test split,
