@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -342,6 +343,18 @@ def _unknown_arguments(unknown: list[str], command: Command | None, argv: list[s
     return 2
 
 
+def quiet_other_ranks() -> None:
+    """In a multi-process launch (torchrun, accelerate launch) only rank 0 logs, warns and shows progress bars, so a
+    run prints every line once, not once per process; other ranks still print errors (one process may fail alone)."""
+    if os.environ.get("RANK", "0") == "0":
+        return
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    os.environ["TQDM_DISABLE"] = "1"  # read by every tqdm bar when it is created
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, command = build_parser(argv)
@@ -349,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         return _unknown_arguments(unknown, command, argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_other_ranks()
     if command is None:
         parser.print_help()
         return 2

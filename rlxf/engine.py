@@ -182,6 +182,13 @@ def several_cpu_processes() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched_alone_by_accelerate() -> bool:
+    """True when `accelerate launch --num_processes N` (N > 1) ran its single-process launcher: it sets MASTER_ADDR
+    for N > 1 but starts one process without WORLD_SIZE (what it does on a machine without CUDA)."""
+    env = os.environ
+    return "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+
+
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     per_pass = cfg.per_device_batch_size * world_size
     if cfg.batch_size % per_pass:
@@ -305,6 +312,24 @@ class Engine:
             # in bf16 and the next in fp32 would fail. The process group (PartialState) is kept.
             AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes())
+        if self.accelerator.num_processes > 1 and not self.accelerator.is_main_process:
+            # Every line once per run, from rank 0 (the CLI also quiets the other ranks before loading data).
+            logging.getLogger("rlxf").setLevel(logging.ERROR)
+        if launched_alone_by_accelerate() and self.accelerator.num_processes == 1:
+            logger.warning(
+                "accelerate launch was asked for several processes but started this one alone (without CUDA its "
+                "launcher needs --multi_gpu, a config such as configs/accelerate/ddp.yaml, or mpirun): training "
+                "in 1 process; see the README, 'Several processes'"
+            )
+        sharding = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
+        if sharding and several_cpu_processes() and self.accelerator.is_main_process:
+            # Accelerate builds FSDP and DeepSpeed only on accelerators; on CPUs its state falls back to MULTI_CPU.
+            logger.warning(
+                "%s was requested, but Accelerate runs it only on GPUs: these %d CPU processes train with DDP (gloo), "
+                "the same updates with nothing sharded",
+                sharding[0],
+                self.accelerator.num_processes,
+            )
         set_seed(cfg.seed)
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -350,7 +375,7 @@ class Engine:
         self.history: dict[str, list[float]] = {}
         # Health checks (loss spikes, zero gradients): the losses of recent steps and of this step's updates.
         self._recent_losses: list[float] = []
-        self._step_losses: list[Tensor] = []
+        self._step_losses: list[float] = []
         self._zero_grad_updates = 0
         self._last_warned: dict[str, int] = {}
 
@@ -538,7 +563,7 @@ class Engine:
         norm before clipping.
         """
         metric_sums: dict[str, Tensor] = {}
-        loss_total: Tensor | float = 0.0
+        losses: list[Tensor] = []
         self.model.train()
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -546,22 +571,57 @@ class Engine:
             sync = nullcontext() if last or self.world_size == 1 else self.accelerator.no_sync(self.model)
             with sync:
                 loss_sum, metrics = loss_fn(batch)
-                self._check_finite(loss_sum, f"loss of micro-batch {i}")
                 # DDP averages gradients over processes; × world_size turns that average into the global sum.
                 self.accelerator.backward(loss_sum * (self.world_size / total_units))
-            loss_total = loss_total + loss_sum.detach().float()
+            losses.append(loss_sum.detach().float().reshape(()))
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
             self._tokens_since_log += int(batch.get("num_tokens", 0))
 
-        grad_norm = self._clip_and_check_gradients()
+        grad_norm = self._clip_gradients()
+        loss_mean, norm_is_zero = self._check_update(losses, grad_norm, total_units)  # the update's one host sync
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # For the health checks at the end of the step: this update's loss (as optimised, over all processes) and
         # whether its gradient was exactly zero (a collapsed model, or a loss that does not reach the parameters).
-        self._step_losses.append(self.global_sum(loss_total) / total_units)
-        self._zero_grad_updates += int(float(grad_norm) == 0.0)
+        self._step_losses.append(loss_mean)
+        self._zero_grad_updates += int(norm_is_zero)
         return metric_sums, grad_norm
+
+    def _check_update(
+        self, losses: list[Tensor], grad_norm: Tensor, total_units: Tensor | float
+    ) -> tuple[float, bool]:
+        """Raise NonFiniteLossError (after dropping the gradients) if a micro-batch's loss or the gradient norm is not
+        finite on any process; else return the loss summed over micro-batches and processes / `total_units`, and
+        whether the gradient norm is exactly 0.
+
+        Everything is checked with one host sync (and one all-reduce with several processes): on a GPU a sync per
+        check would make the host wait for the device several times per update. The losses are checked after the
+        backward passes, not before each one: a non-finite loss gives non-finite gradients, which are dropped here,
+        before the update, so nothing is applied either way."""
+        loss_t = torch.stack(losses)  # (M,)
+        norm = grad_norm.detach().float().reshape(1)
+        # M + 1 non-finite flags, then "the norm is exactly 0" and the summed loss: summed over processes, each flag
+        # counts the processes where it holds (the norm is the same on every process).
+        packed = torch.cat([~torch.isfinite(loss_t), ~torch.isfinite(norm), norm == 0]).float()
+        packed = torch.cat([packed, (loss_t.nan_to_num(0.0).sum() / total_units).reshape(1)])  # (M + 3,)
+        if self.world_size > 1:
+            packed = self.accelerator.reduce(packed, reduction="sum")
+        host = packed.tolist()
+        bad = [i for i, flag in enumerate(host[:-2]) if flag > 0]
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            i = bad[0]
+            what, value = (
+                (f"loss of micro-batch {i}", float(losses[i]))
+                if i < len(losses)
+                else ("gradient norm", float(grad_norm))
+            )
+            raise NonFiniteLossError(
+                f"non-finite {what} ({value}) at step {self.step + 1}; no update was applied. "
+                "Lower --train.lr, check the data for extreme values, or use --train.mixed_precision no."
+            )
+        return host[-1], host[-2] > 0
 
     def end_step(
         self, metric_sums: dict[str, Tensor], total_units: Tensor | float, grad_norm: Tensor
@@ -596,22 +656,11 @@ class Engine:
         self.optimizer.load_state_dict(snapshot["optimizer"])
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _check_finite(self, value: Tensor, what: str) -> None:
-        bad = (~torch.isfinite(value.detach())).float().reshape(())
-        if self.world_size > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if bad.item() > 0:  # a host sync, needed to stop before the update
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"non-finite {what} ({value.detach().float().item()}) at step {self.step + 1}; no update was applied. "
-                "Lower --train.lr, check the data for extreme values, or use --train.mixed_precision no."
-            )
-
     def _health_warnings(self) -> dict[str, float]:
         """Warnings about the step just finished, as metrics: `train/loss_spike` (the loss over the recent median)
         when the loss jumps by orders of magnitude, `train/grad_norm_zero` (the fraction of this step's updates whose
         gradient was exactly 0). A run that diverged or collapsed this way would otherwise finish and exit 0."""
-        losses = [float(x) for x in self._step_losses]
+        losses = list(self._step_losses)
         zero, updates = self._zero_grad_updates, len(losses)
         self._step_losses, self._zero_grad_updates = [], 0
         if not losses:
@@ -645,15 +694,13 @@ class Engine:
             self._last_warned[kind] = self.step
             logger.warning(message, *args)
 
-    def _clip_and_check_gradients(self) -> Tensor:
+    def _clip_gradients(self) -> Tensor:
+        """Clip to max_grad_norm (when > 0); the global gradient norm before clipping, as a tensor (no host sync)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        else:
-            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-            norm = torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
-        self._check_finite(norm, "gradient norm")
-        return norm
+            return self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
 
     # ------------------------------------------------------------------ logging
     def _log_train(
@@ -666,10 +713,15 @@ class Engine:
         sums = dict(metric_sums)
         if self.world_size > 1:
             sums = {k: self.accelerator.reduce(v, reduction="sum") for k, v in sums.items()}
-        logged = {k: (v / total_units).item() for k, v in sums.items()}
+        keys = list(sums)
+        stacked = [(sums[k].float() / total_units).reshape(()) for k in keys] + [
+            grad_norm.detach().float().reshape(())
+        ]
+        *values, norm = torch.stack(stacked).tolist()  # one host sync for all metrics
+        logged = dict(zip(keys, values))
         now = time.perf_counter()
         logged["train/lr"] = self.scheduler.get_last_lr()[0]
-        logged["train/grad_norm"] = float(grad_norm)
+        logged["train/grad_norm"] = norm
         logged["train/epoch"] = self.step * self.cfg.batch_size / self.num_examples  # passes over the data so far
         logged["time/elapsed_s"] = time.time() - self._started  # wall clock of this process (a resume starts at 0)
         if self._tokens_since_log:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from rlxf.data.packing import pack_pairs
+from rlxf.data.packing import PackShapes, pack_pairs
 from rlxf.data.tokenize import pad
 from rlxf.losses import bradley_terry_losses, pairwise_accuracy
 
@@ -117,16 +117,21 @@ def score_sequences(model: RewardModel, input_ids: Tensor, attention_mask: Tenso
 
 # ---- preference pairs ----------------------------------------------------------------------------------------------
 def collate_pairs(
-    rows: list[dict[str, Any]], pad_id: int, use_margin: bool, use_label_prob: bool, pack: bool = False
+    rows: list[dict[str, Any]],
+    pad_id: int,
+    use_margin: bool,
+    use_label_prob: bool,
+    pack: bool = False,
+    shapes: PackShapes = PackShapes(),
 ) -> dict[str, Any]:
-    """2B right-padded sequences, chosen rows first (or the pairs packed, see `rlxf.data.packing`), plus per-pair margin
-    and soft label. `num_tokens` counts the tokens of the 2B sequences either way."""
+    """2B right-padded sequences, chosen rows first (or the pairs packed in `shapes`, see `rlxf.data.packing`), plus
+    per-pair margin and soft label. `num_tokens` counts the tokens of the 2B sequences either way."""
     batch: dict[str, Any] = {
         "num_units": len(rows),
         "num_tokens": sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
     }
     if pack:
-        batch |= pack_pairs(rows, pad_id)
+        batch |= pack_pairs(rows, pad_id, length_multiple=shapes.length_multiple, rows_multiple=shapes.rows_multiple)
     else:
         seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
         batch["input_ids"], batch["attention_mask"] = pad(seqs, pad_id, side="right")

@@ -20,7 +20,7 @@ import torch
 
 from rlxf.config import check_ranges
 from rlxf.data.formats import load_preferences
-from rlxf.data.packing import check_packing_supported
+from rlxf.data.packing import check_packing_supported, packed_attention, resolve_pack_shapes
 from rlxf.data.tokenize import encode_preferences
 from rlxf.engine import Engine, TrainConfig
 from rlxf.errors import UserError
@@ -67,6 +67,15 @@ class RewardModelConfig:
     pack: bool = True
     """Pack each micro-batch's pairs into rows without padding, each prompt computed once (same rewards, fewer
     token positions); needs the 'sdpa' or 'eager' attention implementation."""
+    pack_length_multiple: int = 0
+    """Packed rows are this many tokens long or a multiple of it, so micro-batch shapes repeat (a GPU reuses attention
+    plans and memory blocks); same rewards up to float rounding. 0: 256 on a GPU, 1 (tightest) on the CPU."""
+    pack_rows_multiple: int = 0
+    """Packed rows per micro-batch rounded up to a multiple of this (rows of padding); 0: 2 on a GPU, 1 on the CPU."""
+    packed_attention: Literal["auto", "efficient", "cudnn", "flash", "math"] = "auto"
+    """SDPA kernel for packed rows (their block mask): 'auto' lets PyTorch choose (cuDNN on recent GPUs, which builds
+    a plan per new shape); 'efficient' the memory-efficient kernel (no plans); 'math' the reference. No effect on
+    the CPU beyond 'math'."""
     loss: Literal["bradley_terry"] = "bradley_terry"
     """The only loss on pairs; recorded in the run's config.json, where `rlxf collapse diagnose` reads it. Ranking
     losses (ranking, plackett_luce, pairwise_bt) are `rlxf ranking-rm`, which `rlxf rm --loss ranking` runs."""
@@ -74,7 +83,16 @@ class RewardModelConfig:
     """Optimisation settings (engine)."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, {"max_length": ">=2", "max_prompt_length": ">=1", "center_rewards_coef": ">=0"})
+        check_ranges(
+            self,
+            {
+                "max_length": ">=2",
+                "max_prompt_length": ">=1",
+                "center_rewards_coef": ">=0",
+                "pack_length_multiple": ">=0",
+                "pack_rows_multiple": ">=0",
+            },
+        )
         check_eval_split(self.eval_split, self.eval_file)
 
 
@@ -143,9 +161,11 @@ def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None)
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
     if cfg.pack:
         check_packing_supported(engine.unwrap())
-    collate = lambda b: collate_pairs(b, pad_id, cfg.use_margin, cfg.use_label_prob, cfg.pack)
+    shapes = resolve_pack_shapes(cfg.pack_length_multiple, cfg.pack_rows_multiple, engine.device)
+    collate = lambda b: collate_pairs(b, pad_id, cfg.use_margin, cfg.use_label_prob, cfg.pack, shapes)
     for micro_batches in engine.steps(rows, collate, lengths):
-        engine.train_step(micro_batches, lambda batch: pair_loss_and_metrics(rm, batch, cfg.center_rewards_coef))
+        with packed_attention(cfg.packed_attention if cfg.pack else "auto"):
+            engine.train_step(micro_batches, lambda batch: pair_loss_and_metrics(rm, batch, cfg.center_rewards_coef))
         if engine.should_evaluate():
             evaluate()
 
