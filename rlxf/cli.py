@@ -81,6 +81,12 @@ def _tiny_model() -> Command:
     return Command(TinyModelConfig, run)
 
 
+def _merge() -> Command:
+    from rlxf.models.merge import MergeConfig, merge_to_directory
+
+    return Command(MergeConfig, lambda cfg: print(merge_to_directory(cfg)))
+
+
 def _sft() -> Command:
     from rlxf.trainers.sft import SFTConfig, train_sft
 
@@ -230,6 +236,11 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
     ),
     "tiny-model": ("Train a BPE tokenizer on a corpus and build a small Llama (save_pretrained dir).", _tiny_model),
     "sft": ("Supervised fine-tuning on completion tokens.", _sft),
+    "merge": (
+        "Merge LoRA adapters (a trainer's final/ with --lora.r > 0) into their base model: a plain save_pretrained "
+        "directory.",
+        _merge,
+    ),
     "rm": (
         "Train a reward model on preference pairs (Bradley-Terry, margins, soft labels). With --loss ranking, "
         "plackett_luce or pairwise_bt (or `loss:` in the --config YAML) it runs `rlxf ranking-rm` instead: "

@@ -207,7 +207,9 @@ def disable_dropout(model: torch.nn.Module) -> int:
     saved model keeps its own settings.
     """
     changed = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:  # LoRA's own dropout is a setting of the adapters (lora.dropout), kept
+            continue
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
             module.p = 0.0
             changed += 1

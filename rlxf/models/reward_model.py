@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 from rlxf.data.packing import PackShapes, pack_pairs
 from rlxf.data.tokenize import pad
 from rlxf.losses import bradley_terry_losses, pairwise_accuracy
+from rlxf.models.lora import transformers_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,11 @@ class RewardModel(nn.Module):
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        hidden = self.hf.base_model(
+        net = transformers_model(self.hf)  # `hf` is a PeftModel when the reward model trains LoRA adapters
+        hidden = net.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state  # (B, T, H)
-        return self.hf.score(hidden).squeeze(-1).float()  # (B, T, 1) -> (B, T)
+        return net.score(hidden).squeeze(-1).float()  # (B, T, 1) -> (B, T)
 
     def sequence_rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Reward at the last real token: (B, T) -> (B,)."""

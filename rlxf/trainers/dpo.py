@@ -36,7 +36,8 @@ from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import packed_sequence_logprobs, sequence_logprobs, shift_for_next_token, weighted_sequence_logprobs
 from rlxf.losses import dpo_loss
-from rlxf.trainers.common import check_eval_split, load_train_eval
+from rlxf.models.lora import LoraSettings, add_lora
+from rlxf.trainers.common import check_eval_split, load_reference, load_train_eval
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class DPOConfig:
     pair; chosen keeps the tokens of positive-reward segments, rejected those of negative-reward ones; the mask
     multiplies the policy and the reference log-probs; τ comes from the chosen + rejected rewards of blocks of
     `train.batch_size` pairs in file order (or `credit.tau` when set)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight: final/ then holds the adapters, which
+    `peft.PeftModel.from_pretrained`, `rlxf merge` and every rlxf stage load (README, "LoRA adapters")."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
 
@@ -313,6 +317,7 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
         model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
+    model = add_lora(model, cfg.lora, cfg.model, cfg.train.seed)
     out = Path(cfg.out)
 
     def encoded(raw: list[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -377,13 +382,7 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     if asr_metrics and engine.step == 0:
         engine.log(asr_metrics)  # once, at step 0: what the masks keep of the training pairs
 
-    # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = (
-        load_model(cfg.ref_model or cfg.model, what="reference model", **cfg.train.load_kwargs())
-        .to(engine.device)
-        .eval()
-    )
-    ref.requires_grad_(False)
+    ref = load_reference(cfg.model, cfg.ref_model, cfg.lora, engine.unwrap(), cfg.train, engine.device)
     shapes = resolve_pack_shapes(cfg.pack_length_multiple, cfg.pack_rows_multiple, engine.device)
     ref_precision = engine.accelerator.autocast
     if cfg.reference == "cached":

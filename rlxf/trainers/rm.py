@@ -26,6 +26,7 @@ from rlxf.engine import Engine, TrainConfig
 from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.losses import bradley_terry_losses, pairwise_accuracy, reward_centering_penalty
+from rlxf.models.lora import LoraSettings, add_lora
 from rlxf.models.reward_model import RewardModel, collate_pairs, evaluate_pairs, pair_rewards
 from rlxf.trainers.common import check_eval_split, load_encoded_splits
 
@@ -79,6 +80,9 @@ class RewardModelConfig:
     loss: Literal["bradley_terry"] = "bradley_terry"
     """The only loss on pairs; recorded in the run's config.json, where `rlxf collapse diagnose` reads it. Ranking
     losses (ranking, plackett_luce, pairwise_bt) are `rlxf ranking-rm`, which `rlxf rm --loss ranking` runs."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight: final/ then holds the adapters, which
+    `peft.PeftModel.from_pretrained`, `rlxf merge` and every rlxf stage load (README, "LoRA adapters")."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
 
@@ -131,6 +135,7 @@ def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None)
             cfg.model, RewardModel.from_pretrained, "reward model", tokenizer=tokenizer, **cfg.train.load_kwargs()
         )
     model.config.pad_token_id = tokenizer.pad_token_id
+    model = add_lora(model, cfg.lora, cfg.model, cfg.train.seed)
     out = Path(cfg.out)
 
     rows, eval_rows = load_encoded_splits(
