@@ -71,6 +71,7 @@ def test_shape_buckets_repeat_shapes():
 def test_reference_runs_under_the_policys_precision(tiny_model_dir, factworld_dir, tmp_path, monkeypatch):
     """With mixed precision the DPO reference (live and cached) runs under the policy's autocast: its logits come
     out in bf16 like the policy's (before, the reference ran in fp32 outside the engine's autocast)."""
+    import rlxf.trainers.common as common
     import rlxf.trainers.dpo as dpo
 
     seen: dict[str, set] = {}
@@ -82,7 +83,8 @@ def test_reference_runs_under_the_policys_precision(tiny_model_dir, factworld_di
         model.lm_head.register_forward_hook(lambda m, i, out: seen.setdefault(what, set()).add(out.dtype))
         return model
 
-    monkeypatch.setattr(dpo, "load_model", load_and_watch)
+    monkeypatch.setattr(dpo, "load_model", load_and_watch)  # the policy
+    monkeypatch.setattr(common, "load_model", load_and_watch)  # the reference (trainers.common.load_reference)
     for reference in ("live", "cached"):
         seen.clear()
         train = TrainConfig(max_steps=1, batch_size=4, per_device_batch_size=4, mixed_precision="bf16",

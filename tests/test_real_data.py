@@ -306,8 +306,9 @@ def test_over_long_responses_are_truncated_and_counted(tmp_path, tiny_tokenizer,
 RECIPE = sorted((ROOT / "configs" / "hh_rlhf").glob("*.yaml"))
 
 
-def test_the_recipe_has_its_four_configs():
-    assert [p.name for p in RECIPE] == ["dpo_hh.yaml", "rm_hh.yaml", "sft_hh.yaml", "tiny_model.yaml"]
+def test_the_recipe_has_its_configs():
+    names = ["dpo_hh.yaml", "dpo_lora_hh.yaml", "rm_hh.yaml", "sft_hh.yaml", "tiny_model.yaml"]
+    assert [p.name for p in RECIPE] == names
 
 
 @pytest.mark.parametrize("path", RECIPE, ids=lambda p: p.name)
