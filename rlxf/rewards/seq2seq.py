@@ -475,6 +475,35 @@ def sanity_metrics(
     }
 
 
+def oriented_pairs(rows: list[dict[str, Any]], eos_id: int, use_label_prob: bool) -> tuple[list[dict], dict]:
+    """Encoded preference rows -> {prompt_ids, chosen, rejected} (content ids, no EOS), the preferred one as
+    `chosen`; counts of swapped rows and of skipped rows (identical responses, label_prob == 0.5)."""
+    out, counts = [], {"swapped": 0, "identical": 0, "no_preference": 0}
+    for row in rows:
+        chosen, _ = strip_eos(row["chosen_ids"], eos_id)
+        rejected, _ = strip_eos(row["rejected_ids"], eos_id)
+        p = row.get("label_prob") if use_label_prob else None
+        if p is not None and p == 0.5:
+            counts["no_preference"] += 1
+            continue
+        if p is not None and p < 0.5:
+            chosen, rejected = rejected, chosen
+            counts["swapped"] += 1
+        if chosen == rejected:  # no correction to learn (compared as ids, after tokenisation)
+            counts["identical"] += 1
+            continue
+        out.append({"prompt_ids": list(row["prompt_ids"]), "chosen": chosen, "rejected": rejected})
+    return out, counts
+
+
+def as_encoded_pairs(pairs: list[dict[str, Any]], eos_id: int) -> list[dict[str, Any]]:
+    """Oriented pairs in the layout `sanity_metrics` reads (responses ending with EOS)."""
+    return [
+        {"prompt_ids": p["prompt_ids"], "chosen_ids": [*p["chosen"], eos_id], "rejected_ids": [*p["rejected"], eos_id]}
+        for p in pairs
+    ]
+
+
 def parse_seq2seq_spec(args: str, term: str) -> tuple[str, dict[str, Any]]:
     """'DIR[:variant=B][:match_topk=3][:c=5][:alpha=A][:beta=B]' -> (DIR, keyword options)."""
     path_parts, options = [], {}
