@@ -310,6 +310,31 @@ def test_hybrid_with_a_bt_scalar_and_adaptive_segments(seq2seq_run, tiny_model_d
     assert f"seq2seq:{rm_dir}" in text and text.count("chosen ℓ=+1") == 2
 
 
+def test_rloo_with_seq2seq_reward(seq2seq_run, tiny_model_dir, prompts_file, tmp_path):
+    from rlxf.trainers.rloo import RLOOConfig, train_rloo
+
+    train = TrainConfig(batch_size=2, per_device_batch_size=2, max_steps=2, lr=1e-3, progress=False, report_to="none")
+    cfg = RLOOConfig(model=str(tiny_model_dir), prompts_file=str(prompts_file), out=str(tmp_path),
+                     reward=f"seq2seq:{seq2seq_run / 'final'}:variant=soft", k=2, train=train,
+                     generation=GenerationSettings(max_new_tokens=6, temperature=1.0, batch_size=4))  # fmt: skip
+    result = train_rloo(cfg)
+    assert result["finished"] and len(result["history"]["seq2seq/reward_sum"]) == 2
+
+
+def test_early_stop_when_the_flag_rate_gap_stops_improving(tiny_model_dir, tmp_path):
+    """With a learning rate too small to change anything the held-out gap never improves: patience 2 stops at step 2
+    and still writes the final model."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs())
+    train = TrainConfig(max_steps=10, batch_size=8, per_device_batch_size=8, lr=1e-12, eval_every=1, progress=False,
+                        report_to="none")  # fmt: skip
+    cfg = Seq2SeqRMConfig(model=str(tiny_model_dir), train_file=str(data), eval_file=str(data), out=str(tmp_path / "rm"),
+                          early_stop_patience=2, sanity_train_pairs=0, train=train)  # fmt: skip
+    result = train_seq2seq_rm(cfg)
+    assert result["stopped_early"] and len(result["history"]["loss/nll"]) == 2
+    assert len(result["history"]["eval/flag_rate_gap"]) == 3  # steps 0, 1, 2
+    assert (tmp_path / "rm" / "final" / "config.json").exists()
+
+
 def test_eval_reports_the_sanity_metrics(seq2seq_run, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs())
     cmd = [sys.executable, "-m", "rlxf.cli", "--log-level", "WARNING", "eval", "--seq2seq_rm",
