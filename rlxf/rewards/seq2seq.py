@@ -240,6 +240,7 @@ def teacher_forced_matches(
     pad_id: int,
     match_topk: int = 1,
     padding_side: Literal["left", "right"] = "left",
+    need_probs: bool = True,
 ) -> Matches:
     """One forward pass of `context ++ target[:-1]` per row; position len(context) − 1 + t predicts target[t].
 
@@ -247,6 +248,8 @@ def teacher_forced_matches(
     needs the last target (nothing is predicted after it). With left padding every row's targets are its last
     len(target) positions, so only the last max(len(target)) positions go through the LM head (`logits_to_keep`),
     which is what keeps extraction close to a scalar RM's cost (docs/methods/seq2seq_rm.md §6, compute).
+    `need_probs=False` skips p(y_t) and p(ŷ_t) (a softmax over the vocabulary; only the soft variant reads them) and
+    leaves them 0.
     """
     if match_topk < 1:
         raise UserError(f"match_topk must be ≥ 1, got {match_topk}")
@@ -274,22 +277,31 @@ def teacher_forced_matches(
         cols = torch.arange(t_max)[None, :] + torch.tensor([len(c) - 1 for c in contexts])[:, None]  # (B, t_max)
     mask = torch.arange(t_max)[None, :] < torch.tensor(lengths)[:, None]  # (B, t_max)
     cols = torch.where(mask, cols, 0).clamp(0, logits.shape[1] - 1).to(device)
-    picked = logits.gather(1, cols[:, :, None].expand(-1, -1, logits.shape[-1])).float()  # (B, t_max, V)
     target = torch.zeros((b, t_max), dtype=torch.long)
     for i, tgt in enumerate(targets):
         target[i, : len(tgt)] = torch.tensor(list(tgt))
     target = target.to(device)
-    probs = picked.softmax(-1)
-    prediction = picked.argmax(-1)  # (B, t_max); argmax, as greedy decoding picks, also for ties
+    # Reductions over V run on the kept logits (B, K, V) in place; only their (B, K) results are re-indexed to the
+    # targets' columns, never the (B, K, V) logits themselves (a copy of them cost as much as the LM head on CPU).
+    target_on_kept = torch.zeros(logits.shape[:2], dtype=torch.long, device=device).scatter(1, cols, target)
+    prediction = logits.argmax(-1).gather(1, cols)  # (B, t_max); argmax, as greedy decoding picks, also for ties
     if match_topk == 1:
         match = prediction == target
     else:
-        match = (picked.topk(min(match_topk, picked.shape[-1]), dim=-1).indices == target[:, :, None]).any(-1)
+        top = logits.topk(min(match_topk, logits.shape[-1]), dim=-1).indices  # (B, K, k)
+        match = (top.gather(1, cols[:, :, None].expand(-1, -1, top.shape[-1])) == target[:, :, None]).any(-1)
+    p_token = p_pred = torch.zeros((b, t_max))
+    if need_probs:
+        log_z = logits.float().logsumexp(-1)  # (B, K)
+        target_logit = logits.gather(-1, target_on_kept[:, :, None]).squeeze(-1).float()  # (B, K)
+        best_logit = logits.amax(-1).float()  # (B, K)
+        p_token = (target_logit - log_z).exp().gather(1, cols).cpu() * mask
+        p_pred = (best_logit - log_z).exp().gather(1, cols).cpu() * mask
     return Matches(
         match=(match.cpu() & mask),
         mask=mask,
-        p_token=probs.gather(-1, target[:, :, None]).squeeze(-1).cpu() * mask,
-        p_pred=probs.gather(-1, prediction[:, :, None]).squeeze(-1).cpu() * mask,
+        p_token=p_token,
+        p_pred=p_pred,
         prediction=torch.where(mask, prediction.cpu(), -1),
     )
 
@@ -381,8 +393,9 @@ class Seq2SeqRewardSource:
                 contexts.append(self.template.context(prompt, content))
                 targets.append(list(ids))  # content + EOS when finished: exactly the scored tokens
             m = teacher_forced_matches(
-                self.model, contexts, targets, tokenizer.pad_token_id, self.match_topk, self.padding_side
-            )
+                self.model, contexts, targets, tokenizer.pad_token_id, self.match_topk, self.padding_side,
+                need_probs=self.variant == "soft",
+            )  # fmt: skip
             parts.append(m)
         grid = {}
         for name in ("match", "mask", "p_token", "p_pred", "prediction"):
@@ -453,7 +466,7 @@ def sanity_metrics(
                 content, _ = strip_eos(row[side], template.eos_id)
                 contexts.append(template.context(row["prompt_ids"], content))
                 targets.append([*content, template.eos_id])
-        m = teacher_forced_matches(model, contexts, targets, pad_id, match_topk)
+        m = teacher_forced_matches(model, contexts, targets, pad_id, match_topk, need_probs=variant == "soft")
         r = rewards_from_matches(m.match, m.mask, template.alpha, template.beta, variant, m.p_token, m.p_pred)
         totals = r.sum(-1)
         n = len(chunk)
