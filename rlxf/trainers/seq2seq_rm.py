@@ -198,10 +198,11 @@ def train_seq2seq_rm(cfg: Seq2SeqRMConfig, model: torch.nn.Module | None = None)
     pad_id = tokenizer.pad_token_id
     engine = Engine(cfg.train, out, model, num_examples=len(rows), config_dict=asdict(cfg))
     rm = engine.model
-    engine.log(
-        {"data/pairs": float(len(pairs)), "data/rows": float(len(rows)), "data/skipped_identical": float(counts["identical"]),
-         "data/skipped_too_long": float(too_long), "data/swapped": float(counts["swapped"]), "data/t_ref": t_ref}
-    )  # fmt: skip
+    if engine.step == 0:
+        data_counts = {"pairs": len(pairs), "rows": len(rows), "skipped_identical": counts["identical"],
+                       "skipped_no_preference": counts["no_preference"], "skipped_too_long": too_long,
+                       "swapped": counts["swapped"], "t_ref": t_ref}  # fmt: skip
+        engine.log({f"data/{k}": float(v) for k, v in data_counts.items()})
     sanity_train = as_encoded_pairs(pairs[: cfg.sanity_train_pairs], eos)
     sanity_eval = as_encoded_pairs(eval_pairs, eos)
     early = engine.extra_state.setdefault("early_stop", {"best_gap": None, "evals_since_best": 0})
@@ -239,7 +240,9 @@ def train_seq2seq_rm(cfg: Seq2SeqRMConfig, model: torch.nn.Module | None = None)
     stopped_early = False
     for micro_batches in engine.steps(rows, lambda b: collate_rows(b, pad_id), lengths):
         engine.train_step(micro_batches, loss_fn)
-        if engine.should_evaluate() and evaluate() and engine.step < engine.total_steps:
+        # rank 0 evaluates; every process must leave the loop together (the engine's collective ops would hang)
+        stop = engine._any_rank(evaluate()) if engine.should_evaluate() else False
+        if stop and engine.step < engine.total_steps:
             logger.info(
                 "early stop at step %d: the held-out flag-rate gap has not improved on %.4g for %d evaluations",
                 engine.step, early["best_gap"], cfg.early_stop_patience,
