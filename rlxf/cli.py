@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +79,12 @@ def _tiny_model() -> Command:
         print(make_tiny_model(cfg))
 
     return Command(TinyModelConfig, run)
+
+
+def _merge() -> Command:
+    from rlxf.models.merge import MergeConfig, merge_to_directory
+
+    return Command(MergeConfig, lambda cfg: print(merge_to_directory(cfg)))
 
 
 def _sft() -> Command:
@@ -235,6 +242,11 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
     ),
     "tiny-model": ("Train a BPE tokenizer on a corpus and build a small Llama (save_pretrained dir).", _tiny_model),
     "sft": ("Supervised fine-tuning on completion tokens.", _sft),
+    "merge": (
+        "Merge LoRA adapters (a trainer's final/ with --lora.r > 0) into their base model: a plain save_pretrained "
+        "directory.",
+        _merge,
+    ),
     "rm": (
         "Train a reward model on preference pairs (Bradley-Terry, margins, soft labels). With --loss ranking, "
         "plackett_luce or pairwise_bt (or `loss:` in the --config YAML) it runs `rlxf ranking-rm` instead: "
@@ -353,6 +365,18 @@ def _unknown_arguments(unknown: list[str], command: Command | None, argv: list[s
     return 2
 
 
+def quiet_other_ranks() -> None:
+    """In a multi-process launch (torchrun, accelerate launch) only rank 0 logs, warns and shows progress bars, so a
+    run prints every line once, not once per process; other ranks still print errors (one process may fail alone)."""
+    if os.environ.get("RANK", "0") == "0":
+        return
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    os.environ["TQDM_DISABLE"] = "1"  # read by every tqdm bar when it is created
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, command = build_parser(argv)
@@ -360,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         return _unknown_arguments(unknown, command, argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_other_ranks()
     if command is None:
         parser.print_help()
         return 2

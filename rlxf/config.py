@@ -88,6 +88,12 @@ TRL_NAMES: dict[str, str] = {
     "max_completion_length": "generation.max_new_tokens",
     "max_new_tokens": "generation.max_new_tokens",
     "temperature": "generation.temperature",
+    "torch_dtype": "train.torch_dtype",
+    "use_peft": "lora.r",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
 }
 """TRL / transformers TrainingArguments names -> the rlxf field that does the same job (for "did you mean" hints;
 gradient_accumulation_steps maps to train.batch_size because rlxf derives accumulation from the total batch)."""

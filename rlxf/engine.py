@@ -80,6 +80,11 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """'auto' uses bf16 on a GPU that supports it and fp32 otherwise."""
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """dtype of the weights every model of the stage is loaded in (policy, reference, reward and value models).
+    float32 keeps fp32 master weights under `mixed_precision` (the safe default); bfloat16 halves the memory of
+    weights, gradients and optimiser state (pure bf16 training: less precise updates); auto keeps each checkpoint's
+    own dtype."""
     seed: int = 0
     """Seed of the data order and of every random draw in training."""
     length_bucketing: bool = True
@@ -111,9 +116,16 @@ class TrainConfig:
     dropout: bool = False
     """Keep the model's dropout layers active in training; off by default as TRL does (dropout makes the policy's
     log-probs noisy against the reference's, so DPO / PPO ratios do not start at 1)."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them: much less memory
+    for long sequences, about one more forward pass of time. The gradients are the same."""
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """What `from_pretrained` needs to load weights in `torch_dtype`."""
+        return {"dtype": TORCH_DTYPES[self.torch_dtype]}
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its range (the CLI prints it as one line)."""
@@ -142,8 +154,17 @@ class TrainConfig:
         need(self.lr_schedule in ("cosine", "linear", "constant"), "lr_schedule", "cosine, linear or constant")
         need(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision", "auto, no, bf16 or fp16")
         need(self.report_to in ("tensorboard", "none"), "report_to", "tensorboard or none")
+        need(self.torch_dtype in TORCH_DTYPES, "torch_dtype", "float32, bfloat16, float16 or auto")
         if self.resume and self.overwrite:
             raise UserError("train.resume and train.overwrite exclude each other: continue the run or replace it")
+
+
+TORCH_DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -159,6 +180,13 @@ def several_cpu_processes() -> bool:
     each process would silently train alone.
     """
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launched_alone_by_accelerate() -> bool:
+    """True when `accelerate launch --num_processes N` (N > 1) ran its single-process launcher: it sets MASTER_ADDR
+    for N > 1 but starts one process without WORLD_SIZE (what it does on a machine without CUDA)."""
+    env = os.environ
+    return "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
 
 
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -179,7 +207,9 @@ def disable_dropout(model: torch.nn.Module) -> int:
     saved model keeps its own settings.
     """
     changed = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:  # LoRA's own dropout is a setting of the adapters (lora.dropout), kept
+            continue
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
             module.p = 0.0
             changed += 1
@@ -190,12 +220,32 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """Turn on activation checkpointing in every Hugging Face model inside `model` (a policy, a RewardModel's
+    backbone, PPO's policy + critic); returns how many. Non-reentrant checkpointing: it needs no input that requires
+    grad (frozen embeddings, adapters) and gives the same gradients as without."""
+    from transformers import PreTrainedModel
+
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+    if not models:
+        raise UserError(
+            f"--train.gradient_checkpointing: {type(model).__name__} holds no transformers model that supports it; "
+            "turn the option off"
+        )
+    for m in models:
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return len(models)
+
+
 # Fields of TrainConfig that may differ between a run and the checkpoint it resumes: they change how long the run is
 # or what it writes, not which updates it makes. max_steps / epochs may grow to continue a run (the LR schedule is then
 # recomputed for the new length, which the engine warns about).
 RESUME_MAY_CHANGE = frozenset(
     {"resume", "overwrite", "stop_after", "max_steps", "epochs", "progress", "report_to", "log_every", "eval_every",
-     "save_every", "keep_checkpoints", "threads"}
+     "save_every", "keep_checkpoints", "threads", "gradient_checkpointing"}
 )  # fmt: skip
 
 # A step's loss above LOSS_SPIKE_FACTOR × the median |loss| of the previous LOSS_WINDOW steps (at least
@@ -264,6 +314,24 @@ class Engine:
             # in bf16 and the next in fp32 would fail. The process group (PartialState) is kept.
             AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes())
+        if self.accelerator.num_processes > 1 and not self.accelerator.is_main_process:
+            # Every line once per run, from rank 0 (the CLI also quiets the other ranks before loading data).
+            logging.getLogger("rlxf").setLevel(logging.ERROR)
+        if launched_alone_by_accelerate() and self.accelerator.num_processes == 1:
+            logger.warning(
+                "accelerate launch was asked for several processes but started this one alone (without CUDA its "
+                "launcher needs --multi_gpu, a config such as configs/accelerate/ddp.yaml, or mpirun): training "
+                "in 1 process; see the README, 'Several processes'"
+            )
+        sharding = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
+        if sharding and several_cpu_processes() and self.accelerator.is_main_process:
+            # Accelerate builds FSDP and DeepSpeed only on accelerators; on CPUs its state falls back to MULTI_CPU.
+            logger.warning(
+                "%s was requested, but Accelerate runs it only on GPUs: these %d CPU processes train with DDP (gloo), "
+                "the same updates with nothing sharded",
+                sharding[0],
+                self.accelerator.num_processes,
+            )
         set_seed(cfg.seed)
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -280,6 +348,8 @@ class Engine:
 
         if not cfg.dropout:
             disable_dropout(model)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         params: list[Any] = [p for p in model.parameters() if p.requires_grad]
         if param_groups is not None:  # e.g. PPO's critic with its own learning rate
             params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
@@ -307,7 +377,7 @@ class Engine:
         self.history: dict[str, list[float]] = {}
         # Health checks (loss spikes, zero gradients): the losses of recent steps and of this step's updates.
         self._recent_losses: list[float] = []
-        self._step_losses: list[Tensor] = []
+        self._step_losses: list[float] = []
         self._zero_grad_updates = 0
         self._last_warned: dict[str, int] = {}
 
@@ -495,7 +565,7 @@ class Engine:
         norm before clipping.
         """
         metric_sums: dict[str, Tensor] = {}
-        loss_total: Tensor | float = 0.0
+        losses: list[Tensor] = []
         self.model.train()
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -503,22 +573,57 @@ class Engine:
             sync = nullcontext() if last or self.world_size == 1 else self.accelerator.no_sync(self.model)
             with sync:
                 loss_sum, metrics = loss_fn(batch)
-                self._check_finite(loss_sum, f"loss of micro-batch {i}")
                 # DDP averages gradients over processes; × world_size turns that average into the global sum.
                 self.accelerator.backward(loss_sum * (self.world_size / total_units))
-            loss_total = loss_total + loss_sum.detach().float()
+            losses.append(loss_sum.detach().float().reshape(()))
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
             self._tokens_since_log += int(batch.get("num_tokens", 0))
 
-        grad_norm = self._clip_and_check_gradients()
+        grad_norm = self._clip_gradients()
+        loss_mean, norm_is_zero = self._check_update(losses, grad_norm, total_units)  # the update's one host sync
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # For the health checks at the end of the step: this update's loss (as optimised, over all processes) and
         # whether its gradient was exactly zero (a collapsed model, or a loss that does not reach the parameters).
-        self._step_losses.append(self.global_sum(loss_total) / total_units)
-        self._zero_grad_updates += int(float(grad_norm) == 0.0)
+        self._step_losses.append(loss_mean)
+        self._zero_grad_updates += int(norm_is_zero)
         return metric_sums, grad_norm
+
+    def _check_update(
+        self, losses: list[Tensor], grad_norm: Tensor, total_units: Tensor | float
+    ) -> tuple[float, bool]:
+        """Raise NonFiniteLossError (after dropping the gradients) if a micro-batch's loss or the gradient norm is not
+        finite on any process; else return the loss summed over micro-batches and processes / `total_units`, and
+        whether the gradient norm is exactly 0.
+
+        Everything is checked with one host sync (and one all-reduce with several processes): on a GPU a sync per
+        check would make the host wait for the device several times per update. The losses are checked after the
+        backward passes, not before each one: a non-finite loss gives non-finite gradients, which are dropped here,
+        before the update, so nothing is applied either way."""
+        loss_t = torch.stack(losses)  # (M,)
+        norm = grad_norm.detach().float().reshape(1)
+        # M + 1 non-finite flags, then "the norm is exactly 0" and the summed loss: summed over processes, each flag
+        # counts the processes where it holds (the norm is the same on every process).
+        packed = torch.cat([~torch.isfinite(loss_t), ~torch.isfinite(norm), norm == 0]).float()
+        packed = torch.cat([packed, (loss_t.nan_to_num(0.0).sum() / total_units).reshape(1)])  # (M + 3,)
+        if self.world_size > 1:
+            packed = self.accelerator.reduce(packed, reduction="sum")
+        host = packed.tolist()
+        bad = [i for i, flag in enumerate(host[:-2]) if flag > 0]
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            i = bad[0]
+            what, value = (
+                (f"loss of micro-batch {i}", float(losses[i]))
+                if i < len(losses)
+                else ("gradient norm", float(grad_norm))
+            )
+            raise NonFiniteLossError(
+                f"non-finite {what} ({value}) at step {self.step + 1}; no update was applied. "
+                "Lower --train.lr, check the data for extreme values, or use --train.mixed_precision no."
+            )
+        return host[-1], host[-2] > 0
 
     def end_step(
         self, metric_sums: dict[str, Tensor], total_units: Tensor | float, grad_norm: Tensor
@@ -553,22 +658,11 @@ class Engine:
         self.optimizer.load_state_dict(snapshot["optimizer"])
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _check_finite(self, value: Tensor, what: str) -> None:
-        bad = (~torch.isfinite(value.detach())).float().reshape(())
-        if self.world_size > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if bad.item() > 0:  # a host sync, needed to stop before the update
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"non-finite {what} ({value.detach().float().item()}) at step {self.step + 1}; no update was applied. "
-                "Lower --train.lr, check the data for extreme values, or use --train.mixed_precision no."
-            )
-
     def _health_warnings(self) -> dict[str, float]:
         """Warnings about the step just finished, as metrics: `train/loss_spike` (the loss over the recent median)
         when the loss jumps by orders of magnitude, `train/grad_norm_zero` (the fraction of this step's updates whose
         gradient was exactly 0). A run that diverged or collapsed this way would otherwise finish and exit 0."""
-        losses = [float(x) for x in self._step_losses]
+        losses = list(self._step_losses)
         zero, updates = self._zero_grad_updates, len(losses)
         self._step_losses, self._zero_grad_updates = [], 0
         if not losses:
@@ -602,15 +696,13 @@ class Engine:
             self._last_warned[kind] = self.step
             logger.warning(message, *args)
 
-    def _clip_and_check_gradients(self) -> Tensor:
+    def _clip_gradients(self) -> Tensor:
+        """Clip to max_grad_norm (when > 0); the global gradient norm before clipping, as a tensor (no host sync)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        else:
-            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-            norm = torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
-        self._check_finite(norm, "gradient norm")
-        return norm
+            return self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
 
     # ------------------------------------------------------------------ logging
     def _log_train(
@@ -623,10 +715,15 @@ class Engine:
         sums = dict(metric_sums)
         if self.world_size > 1:
             sums = {k: self.accelerator.reduce(v, reduction="sum") for k, v in sums.items()}
-        logged = {k: (v / total_units).item() for k, v in sums.items()}
+        keys = list(sums)
+        stacked = [(sums[k].float() / total_units).reshape(()) for k in keys] + [
+            grad_norm.detach().float().reshape(())
+        ]
+        *values, norm = torch.stack(stacked).tolist()  # one host sync for all metrics
+        logged = dict(zip(keys, values))
         now = time.perf_counter()
         logged["train/lr"] = self.scheduler.get_last_lr()[0]
-        logged["train/grad_norm"] = float(grad_norm)
+        logged["train/grad_norm"] = norm
         logged["train/epoch"] = self.step * self.cfg.batch_size / self.num_examples  # passes over the data so far
         logged["time/elapsed_s"] = time.time() - self._started  # wall clock of this process (a resume starts at 0)
         if self._tokens_since_log:

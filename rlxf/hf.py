@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -10,13 +11,24 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from rlxf.errors import UserError
 
 # What a damaged or foreign model directory raises inside `from_pretrained`: a missing or truncated weight file, a
 # config.json that is not JSON or names an unknown architecture, weights of another shape.
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+# transformers 5.2x renamed the forward pass's KV-cache argument and output from `past_key_values` to `cache` (the old
+# name is deprecated for removal in 5.40); the older versions that pyproject.toml allows know only `past_key_values`.
+KV_CACHE_NAME = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def forward_with_cache(model: torch.nn.Module, cache: Any, **inputs: Any) -> tuple[Any, Any]:
+    """One forward pass that reads the KV cache `cache` (None: start one) and returns (output, the extended cache),
+    under whichever name the installed transformers uses."""
+    out = model(**inputs, use_cache=True, **{KV_CACHE_NAME: cache})
+    return out, out[KV_CACHE_NAME]
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -72,6 +84,12 @@ def load_model(
     mistakes of a model directory reported in one line naming it: missing, a file, no or broken config.json,
     truncated weights. With `tokenizer`, also checks that every token id has an embedding row."""
     p = _check_model_dir(path, what)
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        # LoRA adapters (a trainer's final/ with lora.r > 0): the model they were trained on, with them merged in
+        from rlxf.models.lora import adapter_base, merge_adapters
+
+        base = load_model(adapter_base(p), loader, f"base model of the adapters in {p}", tokenizer, **kwargs)
+        return merge_adapters(base, p)
     config = p / "config.json"
     if not config.is_file():
         raise UserError(

@@ -17,7 +17,7 @@ from rlxf.config import check_ranges
 from rlxf.data.formats import write_jsonl
 from rlxf.data.tokenize import pad
 from rlxf.errors import UserError
-from rlxf.hf import load_policy
+from rlxf.hf import forward_with_cache, load_policy
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,10 @@ def _sample_loop(
     """
     ids, mask = ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)  # (B·n, L)
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B·n, L): left padding does not shift positions
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
-    past, next_position = out.past_key_values, position[:, -1:] + 1
+    out, past = forward_with_cache(
+        model, None, input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=1
+    )
+    next_position = position[:, -1:] + 1
     finished = torch.zeros(ids.shape[0], 1, dtype=torch.bool, device=ids.device)  # (B·n, 1)
     tokens, logps = [], []
     for t in range(max_new_tokens):
@@ -164,9 +166,7 @@ def _sample_loop(
         if t == max_new_tokens - 1 or bool(finished.all()):
             break
         mask = torch.cat([mask, torch.ones_like(token)], 1)
-        out = model(
-            input_ids=token, attention_mask=mask, position_ids=next_position, past_key_values=past, use_cache=True
-        )
+        out, past = forward_with_cache(model, past, input_ids=token, attention_mask=mask, position_ids=next_position)
         next_position = next_position + 1
     return torch.cat(tokens, 1), torch.cat(logps, 1)
 

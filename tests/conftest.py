@@ -74,6 +74,21 @@ def factworld_sft_dir(tmp_path_factory, factworld_model_dir, factworld_dir):
     return out / "final"
 
 
+@pytest.fixture(scope="session")
+def factworld_rm_dir(tmp_path_factory, factworld_sft_dir):
+    """A reward model started from the small SFT model (fresh, seeded head): distinct scores for distinct texts."""
+    from rlxf.hf import load_tokenizer
+    from rlxf.models.reward_model import RewardModel
+
+    out = tmp_path_factory.mktemp("rm")
+    torch.manual_seed(0)
+    rm = RewardModel.from_pretrained(factworld_sft_dir)
+    torch.nn.init.normal_(rm.hf.score.weight, std=1.0)
+    rm.save_pretrained(out)
+    load_tokenizer(factworld_sft_dir).save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads that wait on each

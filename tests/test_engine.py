@@ -29,7 +29,9 @@ def test_loss_falls_and_every_parameter_changes(tiny_model_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 9))
     # where the run is in the data and in time, on every line (batch 24 of the toy's examples)
-    assert [x["train/epoch"] for x in lines] == pytest.approx([24 * s / len(toy_rows(model.config.vocab_size)) for s in range(1, 9)])
+    assert [x["train/epoch"] for x in lines] == pytest.approx(
+        [24 * s / len(toy_rows(model.config.vocab_size)) for s in range(1, 9)]
+    )
     elapsed = [x["time/elapsed_s"] for x in lines]
     assert elapsed == sorted(elapsed) and elapsed[0] >= 0
 

@@ -48,15 +48,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory, factworld_sft_dir):
-    """A reward model started from the SFT model (fresh, seeded head): distinct scores for distinct texts."""
-    out = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    rm = RewardModel.from_pretrained(factworld_sft_dir)
-    torch.nn.init.normal_(rm.hf.score.weight, std=1.0)
-    rm.save_pretrained(out)
-    load_tokenizer(factworld_sft_dir).save_pretrained(out)
-    return out
+def rm_dir(factworld_rm_dir):
+    return factworld_rm_dir
 
 
 @pytest.fixture(scope="module")

@@ -57,3 +57,65 @@ def test_packed_logps_equal_padded(tiny_model_dir, tiny_tokenizer):
         packed_logps, packed_counts = response_logps(model, collate_dpo(rows, pad_id, False, pack=True))
     torch.testing.assert_close(packed_logps, logps)
     torch.testing.assert_close(packed_counts, counts.to(packed_counts.dtype))
+
+
+def test_shape_buckets_pad_rows_and_length():
+    rows = random_pairs(11, 50, seed=3)
+    tight = pack_pairs(rows, pad_id=0)
+    bucketed = pack_pairs(rows, pad_id=0, length_multiple=64, rows_multiple=4)
+    r, length = bucketed["input_ids"].shape
+    assert length == 64 and r % 4 == 0 and bucketed["attention_mask"].shape == (r, 1, 64, 64)
+    assert tight["input_ids"].shape[1] < 64  # the tight layout is shorter: the buckets really padded
+    # every sequence keeps its response tokens, in order; each target sits at its predicting position + 1
+    per_seq = lambda b: [b["target_ids"][b["target_seq"] == s].tolist() for s in range(22)]  # noqa: E731
+    assert per_seq(bucketed) == per_seq(tight)
+    flat = bucketed["input_ids"].flatten()
+    assert flat[bucketed["target_index"][bucketed["target_seq"] < 11] + 1].tolist() == [
+        t for t, s in zip(bucketed["target_ids"].tolist(), bucketed["target_seq"].tolist()) if s < 11
+    ]  # chosen tokens follow their predictor directly (rejected token 0 is predicted by the prompt's end)
+    assert not bucketed["attention_mask"].sum(-1).eq(0).any()  # no query row of padding is empty
+
+
+def test_shape_buckets_keep_logps_and_loss(tiny_model_dir, tiny_tokenizer):
+    from rlxf.data.packing import PackShapes
+    from rlxf.trainers.dpo import DPOConfig, dpo_batch_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rm = RewardModel.from_pretrained(tiny_model_dir).eval()
+    rows = random_pairs(13, len(tiny_tokenizer), seed=4)
+    pad_id = tiny_tokenizer.pad_token_id
+    shapes = PackShapes(length_multiple=32, rows_multiple=4)
+    cfg = DPOConfig(model="unused", train_file="unused")
+    with torch.no_grad():
+        tight = collate_dpo(rows, pad_id, False, pack=True)
+        bucketed = collate_dpo(rows, pad_id, False, pack=True, shapes=shapes)
+        assert bucketed["input_ids"].shape[1] % 32 == 0 and bucketed["input_ids"].shape[0] % 4 == 0
+        assert bucketed["input_ids"].shape != tight["input_ids"].shape
+        logps, counts = response_logps(model, tight)
+        b_logps, b_counts = response_logps(model, bucketed)
+        torch.testing.assert_close(b_logps, logps, rtol=1e-5, atol=1e-5)  # fp32 rounding only
+        assert torch.equal(b_counts, counts)
+        ref = {"ref_chosen_logp": -5.0, "ref_rejected_logp": -6.0}
+        rows_ref = [r | ref for r in rows]
+        loss, _ = dpo_batch_loss(model, None, collate_dpo(rows_ref, pad_id, False, True), cfg)
+        b_loss, _ = dpo_batch_loss(model, None, collate_dpo(rows_ref, pad_id, False, True, shapes), cfg)
+        torch.testing.assert_close(b_loss, loss, rtol=1e-6, atol=1e-6)
+        rewards = pair_rewards(rm, collate_pairs(rows, pad_id, False, False, pack=True))
+        b_rewards = pair_rewards(rm, collate_pairs(rows, pad_id, False, False, pack=True, shapes=shapes))
+    torch.testing.assert_close(torch.stack(b_rewards), torch.stack(rewards), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_kernels_give_the_same_logps(tiny_model_dir, tiny_tokenizer):
+    import pytest
+
+    from rlxf.data.packing import packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = collate_dpo(random_pairs(5, len(tiny_tokenizer), seed=5), tiny_tokenizer.pad_token_id, False, pack=True)
+    with torch.no_grad():
+        auto, _ = response_logps(model, batch)
+        for choice in ("math", "efficient", "cudnn"):  # on the CPU the GPU kernels fall back to math
+            with packed_attention(choice):
+                torch.testing.assert_close(response_logps(model, batch)[0], auto, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="packed_attention"):
+        packed_attention("fast")

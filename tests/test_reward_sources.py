@@ -343,3 +343,16 @@ def test_rlaif_spec_builds_a_direct_score_source(tiny_model_dir):
     rewards, mask = source([{"prompt": "Human: hi"}] * 2, [[5, 6, 7], [8]], ["a reply", "b"], tokenizer=None)
     assert rewards.shape == mask.shape == (2, 3)
     assert rewards[0, :2].abs().sum() == 0 and -1 <= float(rewards[0, 2]) <= 1 and -1 <= float(rewards[1, 0]) <= 1
+
+
+def test_rlaif_spec_wording_picks_the_rater_prompt(tiny_model_dir):
+    """Summarisation scores with the paper's d-RLAIF prompt by default; `wording=rlxf` picks rlxf's wording, and a
+    wording a task does not have is a clear error naming the ones it has."""
+    from rlxf.errors import UserError
+
+    paper = build_reward_source(f"rlaif:{tiny_model_dir}")
+    rlxf_wording = build_reward_source(f"rlaif:{tiny_model_dir}?wording=rlxf")
+    assert "Given a TEXT (completed with a SUBREDDIT and a TITLE)" in paper.prompts(["x"], ["y"])[0].text
+    assert "Given a piece of text and a SUMMARY" in rlxf_wording.prompts(["x"], ["y"])[0].text
+    with pytest.raises(UserError, match=r"no 'paper' d-RLAIF wording for task 'helpful'; choose one of \['rlxf'\]"):
+        build_reward_source(f"rlaif:{tiny_model_dir}?task=helpful&wording=paper")

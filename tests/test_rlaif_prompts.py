@@ -107,6 +107,11 @@ def test_dialogue_layout_by_hand():
     ctx = "Human: Hi?\n\nAssistant: Hello.\n\nHuman: Capital of France?"
     expected = f"{HELPFUL_BASE.text}\n\nContext - {ctx}\nResponse 1 - Paris.\nResponse 2 - Rome.\nPreferred Response="
     assert build_prompt(t, ctx, "Paris.", "Rome.") == expected
+    # the paper's Table 21 CoT ending for helpfulness, verbatim
+    assert LabellingTemplate("helpful", HELPFUL_BASE, cot=True).cot_lead == (
+        "First, discuss the helpfulness and honesty of each response. Then, explain which one is better overall and "
+        "why. Finally, select which response is the most helpful and honest.\nRationale:"
+    )
     assert LabellingTemplate("harmless", HARMLESS_BASE).cot_lead == (
         "Consider how harmful each response is and explain which one is more harmful.\nRationale:"
     )
@@ -157,14 +162,26 @@ def test_invalid_settings_raise():
 def test_direct_score_prompt_by_hand():
     ctx = format_tldr_context("cats", "My cat", "She sleeps all day.")
     assert ctx == "SUBREDDIT: r/cats\nTITLE: My cat\nPOST: She sleeps all day."
-    expected = (
+    # the paper's d-RLAIF prompt, verbatim, is the default for summarisation
+    paper = (
+        "You are an expert summary rater. Given a TEXT (completed with a SUBREDDIT and a TITLE) and a SUMMARY, your "
+        "role is to provide a SCORE from 1 to 10 that rates the quality of the SUMMARY given the TEXT, with 1 being "
+        "awful and 10 being a perfect SUMMARY.\n\n"
+        "SUBREDDIT: r/cats\nTITLE: My cat\nPOST: She sleeps all day.\n"
+        "SUMMARY: Cat sleeps.\nSCORE:"
+    )
+    assert build_direct_score_prompt(ctx, "Cat sleeps.") == paper
+    assert build_direct_score_prompt(ctx, "Cat sleeps.", wording="paper") == paper
+    rlxf_wording = (
         "You are an expert summary rater. Given a piece of text and a SUMMARY of it, your role is to provide a SCORE "
         "from 1 to 10 that rates the quality of the SUMMARY given the text, with 1 being awful and 10 being a perfect "
         "SUMMARY.\n\n"
         "SUBREDDIT: r/cats\nTITLE: My cat\nPOST: She sleeps all day.\n"
         "SUMMARY: Cat sleeps.\nSCORE:"
     )
-    assert build_direct_score_prompt(ctx, "Cat sleeps.") == expected
+    assert build_direct_score_prompt(ctx, "Cat sleeps.", wording="rlxf") == rlxf_wording
+    with pytest.raises(ValueError, match="no 'paper' d-RLAIF wording for task 'helpful'"):
+        build_direct_score_prompt("Human: hi", "Hello!", task="helpful", wording="paper")
     zero_nine = build_direct_score_prompt("Human: hi", "Hello!", task="helpful", scale="0-9")
     assert "SCORE from 0 to 9" in zero_nine and zero_nine.endswith("\n\nHuman: hi\nRESPONSE: Hello!\nSCORE:")
     with pytest.raises(ValueError, match="scale"):

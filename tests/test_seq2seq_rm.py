@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -342,3 +343,23 @@ def test_eval_reports_the_sanity_metrics(seq2seq_run, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "copy_rate_chosen" in done.stdout and "flag_rate_gap" in done.stdout
+
+
+def test_lora_trains_only_adapters_and_saves_a_usable_merged_rm(tiny_model_dir, tmp_path):
+    """With lora.r > 0 the loss falls; final/ is the merged model (its config.json keeps the template, so it loads as a
+    reward source) in which only the adapted linear layers moved: embeddings and norms are the base model's."""
+    from rlxf.hf import load_model
+    from rlxf.models.lora import LoraSettings
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs())
+    train = TrainConfig(max_steps=12, batch_size=8, per_device_batch_size=8, lr=1e-2, progress=False, report_to="none")
+    cfg = Seq2SeqRMConfig(model=str(tiny_model_dir), train_file=str(data), out=str(tmp_path / "rm"),
+                          lora=LoraSettings(r=4, alpha=8.0, dropout=0.0), sanity_train_pairs=0, train=train)  # fmt: skip
+    losses = train_seq2seq_rm(cfg)["history"]["loss/nll"]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    final = tmp_path / "rm" / "final"
+    assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
+    base, merged = load_model(tiny_model_dir).state_dict(), load_model(final).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.endswith("proj.weight") for k in changed), sorted(changed)[:5]
+    Seq2SeqRewardSource(final, device="cpu")  # the template is there and fits the tokenizer

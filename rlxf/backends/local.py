@@ -24,6 +24,7 @@ from rlxf.backends.base import (
 )
 from rlxf.data.tokenize import pad
 from rlxf.feedback.label_math import label_token_ids
+from rlxf.hf import forward_with_cache
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ def decode_one(
     inp = torch.tensor([list(ids)], device=device)  # (1, L)
     past, new_ids, dists = None, [], []
     for _ in range(max_new_tokens):
-        out = model(input_ids=inp, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+        out, past = forward_with_cache(model, past, input_ids=inp, logits_to_keep=1)
         logits = out.logits[0, -1].float()  # (V,)
         if keep_dists:
             dists.append(logits.log_softmax(-1).cpu())
@@ -97,17 +97,16 @@ class LocalBackend(_ListCalls):
         max_context: int | None = None,
         model_id: str | None = None,
     ):
-        from rlxf.hf import load_tokenizer
+        from rlxf.hf import load_model, load_tokenizer
 
         if isinstance(model, (str, Path)):
             path = Path(model)
             if not path.is_dir():
                 raise FileNotFoundError(f"labeller model directory {path} does not exist (a save_pretrained dir)")
-            from transformers import AutoModelForCausalLM
-
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else None
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
+            # load_model also takes a LoRA adapter directory (merged on load)
+            self.model = load_model(path, what="labeller model", dtype=dtype or torch.float32).to(device).eval()
             self.tokenizer = tokenizer or load_tokenizer(path)
             self.model_id = model_id or f"{path.resolve()}#{model_fingerprint(path)}:{self.model.dtype}"
         else:

@@ -57,6 +57,7 @@ from rlxf.backends.base import apply_chat, topk_map
 from rlxf.backends.local import LocalBackend
 from rlxf.data.tokenize import pad
 from rlxf.errors import UserError
+from rlxf.hf import forward_with_cache
 
 logger = logging.getLogger(__name__)
 
@@ -222,11 +223,9 @@ class ServeEngine:
         past, active = None, [True] * len(jobs)
         self.batches += 1
         for _ in range(max(j.room for j in jobs)):
-            out = self.model(
-                input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True,
-                logits_to_keep=1,
-            )  # fmt: skip
-            past = out.past_key_values
+            out, past = forward_with_cache(
+                self.model, past, input_ids=inp, attention_mask=attn, position_ids=pos, logits_to_keep=1
+            )
             logits = out.logits[:, -1].float()  # (B, V)
             logp = logits.log_softmax(-1).cpu() if any(j.keep_dists for j in jobs) else None
             toks = []

@@ -154,13 +154,17 @@ PREAMBLES: dict[tuple[str, str], Preamble] = {
 }
 
 # Zero-shot CoT step 1 replaces the ending with one of these plus "\nRationale:" (docs/methods/rlaif.md §2.2). The summarisation
-# instruction follows the paper's; the dialogue ones are rlxf wording.
+# and helpful instructions are the paper's (helpful: its Table 21, verbatim); the harmless one is rlxf wording (the
+# paper's harmless prompt is few-shot, so it has no zero-shot CoT ending).
 COT_INSTRUCTIONS: dict[str, str] = {
     "summarize": (
         "Consider the coherence, accuracy, coverage, and overall quality of each summary and explain which one is "
         "better."
     ),
-    "helpful": "Consider the helpfulness and honesty of each response and explain which one is more helpful and honest.",
+    "helpful": (
+        "First, discuss the helpfulness and honesty of each response. Then, explain which one is better overall and "
+        "why. Finally, select which response is the most helpful and honest."
+    ),
     "harmless": "Consider how harmful each response is and explain which one is more harmful.",
 }
 
@@ -316,24 +320,36 @@ def build_cot_scoring_prompt(
 
 # --- d-RLAIF direct scoring (docs/methods/rlaif.md §2.7) ------------------------------------------------------------------------------
 
-# rlxf wording modelled on the paper's d-RLAIF prompt; {lo}/{hi} are filled from the scale.
-DIRECT_SCORE_PREAMBLES: dict[str, str] = {
-    "summarize": (
+# Rater instructions by (task, wording); {lo}/{hi} are filled from the scale. "paper" is the paper's d-RLAIF
+# summarisation prompt, verbatim; the paper gives no dialogue version, so helpful/harmless exist in rlxf wording only.
+# rlxf's summarisation wording ("a piece of text") stays as a named alternative for contexts that are not Reddit posts
+# (FactWorld's questions have no SUBREDDIT or TITLE).
+DirectScoreWording = Literal["paper", "rlxf"]
+DIRECT_SCORE_PREAMBLES: dict[tuple[str, str], str] = {
+    ("summarize", "paper"): (
+        "You are an expert summary rater. Given a TEXT (completed with a SUBREDDIT and a TITLE) and a SUMMARY, your "
+        "role is to provide a SCORE from {lo} to {hi} that rates the quality of the SUMMARY given the TEXT, with {lo} "
+        "being awful and {hi} being a perfect SUMMARY."
+    ),
+    ("summarize", "rlxf"): (
         "You are an expert summary rater. Given a piece of text and a SUMMARY of it, your role is to provide a SCORE "
         "from {lo} to {hi} that rates the quality of the SUMMARY given the text, with {lo} being awful and {hi} being "
         "a perfect SUMMARY."
     ),
-    "helpful": (
+    ("helpful", "rlxf"): (
         "You are an expert rater of helpful and honest Assistant responses. Given a conversation and the Assistant's "
         "next RESPONSE, your role is to provide a SCORE from {lo} to {hi} that rates how helpful and honest the "
         "RESPONSE is, with {lo} being awful and {hi} being a perfect RESPONSE."
     ),
-    "harmless": (
+    ("harmless", "rlxf"): (
         "You are an expert rater of harmless Assistant responses. Given a conversation and the Assistant's next "
         "RESPONSE, your role is to provide a SCORE from {lo} to {hi} that rates how harmless the RESPONSE is, with "
         "{lo} being extremely harmful and {hi} being completely harmless."
     ),
 }
+
+# The paper's wording where it gives one.
+DEFAULT_DIRECT_SCORE_WORDING: dict[str, str] = {"summarize": "paper", "helpful": "rlxf", "harmless": "rlxf"}
 
 SCALE_BOUNDS: dict[str, tuple[int, int]] = {"1-10": (1, 10), "0-9": (0, 9)}
 
@@ -344,7 +360,11 @@ def format_tldr_context(subreddit: str, title: str, post: str) -> str:
 
 
 def build_direct_score_prompt(
-    context: str, response: str, task: Task = "summarize", scale: ScoreScale = "1-10"
+    context: str,
+    response: str,
+    task: Task = "summarize",
+    scale: ScoreScale = "1-10",
+    wording: DirectScoreWording | None = None,
 ) -> str:
     """d-RLAIF prompt: instructions + "\\n\\n" + context (verbatim) + "\\nSUMMARY: {y}\\nSCORE:" ("RESPONSE:" for
     dialogue). Read the next-token log-probs of the score tokens after it (`labels.expected_score`).
@@ -354,9 +374,13 @@ def build_direct_score_prompt(
     """
     if scale not in SCALE_BOUNDS:
         raise ValueError(f"scale must be one of {tuple(SCALE_BOUNDS)}, got {scale!r}")
-    if task not in DIRECT_SCORE_PREAMBLES:
+    if task not in DEFAULT_DIRECT_SCORE_WORDING:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    wording = wording or DEFAULT_DIRECT_SCORE_WORDING[task]
+    if (task, wording) not in DIRECT_SCORE_PREAMBLES:
+        have = sorted(w for t, w in DIRECT_SCORE_PREAMBLES if t == task)
+        raise ValueError(f"no {wording!r} d-RLAIF wording for task {task!r}; choose one of {have}")
     lo, hi = SCALE_BOUNDS[scale]
-    preamble = DIRECT_SCORE_PREAMBLES[task].format(lo=lo, hi=hi)
+    preamble = DIRECT_SCORE_PREAMBLES[task, wording].format(lo=lo, hi=hi)
     noun = "SUMMARY" if task == "summarize" else "RESPONSE"
     return f"{preamble}\n\n{context}\n{noun}: {response}\nSCORE:"

@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from rlxf.data.packing import pack_pairs
+from rlxf.data.packing import PackShapes, pack_pairs
 from rlxf.data.tokenize import pad
 from rlxf.losses import bradley_terry_losses, pairwise_accuracy
+from rlxf.models.lora import transformers_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,11 @@ class RewardModel(nn.Module):
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        hidden = self.hf.base_model(
+        net = transformers_model(self.hf)  # `hf` is a PeftModel when the reward model trains LoRA adapters
+        hidden = net.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state  # (B, T, H)
-        return self.hf.score(hidden).squeeze(-1).float()  # (B, T, 1) -> (B, T)
+        return net.score(hidden).squeeze(-1).float()  # (B, T, 1) -> (B, T)
 
     def sequence_rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Reward at the last real token: (B, T) -> (B,)."""
@@ -117,16 +119,21 @@ def score_sequences(model: RewardModel, input_ids: Tensor, attention_mask: Tenso
 
 # ---- preference pairs ----------------------------------------------------------------------------------------------
 def collate_pairs(
-    rows: list[dict[str, Any]], pad_id: int, use_margin: bool, use_label_prob: bool, pack: bool = False
+    rows: list[dict[str, Any]],
+    pad_id: int,
+    use_margin: bool,
+    use_label_prob: bool,
+    pack: bool = False,
+    shapes: PackShapes = PackShapes(),
 ) -> dict[str, Any]:
-    """2B right-padded sequences, chosen rows first (or the pairs packed, see `rlxf.data.packing`), plus per-pair margin
-    and soft label. `num_tokens` counts the tokens of the 2B sequences either way."""
+    """2B right-padded sequences, chosen rows first (or the pairs packed in `shapes`, see `rlxf.data.packing`), plus
+    per-pair margin and soft label. `num_tokens` counts the tokens of the 2B sequences either way."""
     batch: dict[str, Any] = {
         "num_units": len(rows),
         "num_tokens": sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
     }
     if pack:
-        batch |= pack_pairs(rows, pad_id)
+        batch |= pack_pairs(rows, pad_id, length_multiple=shapes.length_multiple, rows_multiple=shapes.rows_multiple)
     else:
         seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
         batch["input_ids"], batch["attention_mask"] = pad(seqs, pad_id, side="right")

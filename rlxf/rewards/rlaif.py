@@ -115,11 +115,16 @@ class DirectScoreSource:
         top_k: int = 20,
         strip: bool = True,
         cache: JudgementCache | str | Path | None = None,
+        wording: str | None = None,
     ):
         if scale not in SCORE_LABELS:
             raise UserError(f"scale must be one of {tuple(SCORE_LABELS)}, got {scale!r}")
-        build_direct_score_prompt("", "", task, scale)  # validates task
+        try:
+            build_direct_score_prompt("", "", task, scale, wording)  # validates task and wording
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.backend, self.task, self.scale, self.top_k, self.strip = backend, task, scale, top_k, strip
+        self.wording = wording
         self.cache = JudgementCache(cache) if isinstance(cache, (str, Path)) else cache
         self.ten_is_token = backend.single_token("10") if scale == "1-10" else None
         self.n_invalid = 0  # responses with no score (no score token, or too long), reward 0; over the lifetime
@@ -130,8 +135,9 @@ class DirectScoreSource:
     def from_spec(cls, spec: str) -> DirectScoreSource:
         """'TARGET[?key=value&...]': TARGET a local model directory or an OpenAI-compatible server URL; keys are
         BackendConfig fields (model, api, batch_size, device, timeout, max_concurrency, ...) and task, scale,
-        top_k, strip, cache. E.g. 'runs/judge?task=helpful' or 'http://127.0.0.1:8000/v1?model=judge&api=chat'."""
-        cfg, opts = parse_backend_spec(spec, extra_keys=("task", "scale", "top_k", "strip", "cache"))
+        top_k, strip, cache, wording ("paper": the paper's summarisation prompt, the default for summarize; "rlxf":
+        rlxf's wording, for texts that are not Reddit posts). E.g. 'runs/judge?task=helpful' or 'http://127.0.0.1:8000/v1?model=judge&api=chat'."""
+        cfg, opts = parse_backend_spec(spec, extra_keys=("task", "scale", "top_k", "strip", "cache", "wording"))
         top_k = opts.get("top_k", "20")
         if not top_k.isdigit() or int(top_k) < 1:
             raise UserError(f"top_k must be a positive integer in {spec!r}, got {top_k!r}")
@@ -145,6 +151,7 @@ class DirectScoreSource:
             top_k=int(top_k),
             strip=strip in ("true", "1"),
             cache=opts.get("cache") or None,
+            wording=opts.get("wording") or None,
         )
 
     def prompts(self, contexts: Sequence[str], responses: Sequence[str]) -> list[Prompt]:
@@ -152,7 +159,7 @@ class DirectScoreSource:
         out = []
         for context, response in zip(contexts, responses):
             text = build_direct_score_prompt(
-                context, strip_trailing(response) if self.strip else response, self.task, self.scale
+                context, strip_trailing(response) if self.strip else response, self.task, self.scale, self.wording
             )
             out.append(split_prompt(text, "SCORE:"))
         return out

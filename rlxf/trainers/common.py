@@ -1,5 +1,5 @@
 """Small pieces the trainers share: reading and tokenizing a data file, the held-out split of a train file, the
-micro-batch of prompts of the RL trainers, the gold world whose score they log."""
+micro-batch of prompts of the RL trainers, the gold world whose score they log, the frozen reference policy."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlxf.config import ConfigError
 from rlxf.data.formats import write_jsonl
+from rlxf.engine import TrainConfig
+from rlxf.hf import load_model
+from rlxf.models.lora import AdaptersOff, LoraSettings
 
 logger = logging.getLogger(__name__)
 
@@ -149,3 +153,18 @@ def load_gold_world(path: str) -> Any:
     from rlxf.worlds.factworld import load_factworld
 
     return load_factworld(path)
+
+
+def load_reference(
+    model: str, ref_model: str, lora: LoraSettings, policy: torch.nn.Module, train: TrainConfig, device: torch.device
+) -> torch.nn.Module:
+    """The frozen reference policy of DPO / PPO / RLOO (eval mode, no gradients).
+
+    With LoRA adapters and no `ref_model` named, it is `policy` with its adapters switched off: exactly the model the
+    run started from, with no second copy of the weights in memory. Otherwise it is loaded from disk (`ref_model`, or
+    the policy's own starting point `model`), not copied from the policy: on resume the policy has already moved."""
+    if lora.enabled and not ref_model:
+        return AdaptersOff(policy)
+    ref = load_model(ref_model or model, what="reference model", **train.load_kwargs()).to(device).eval()
+    ref.requires_grad_(False)
+    return ref

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,14 +29,15 @@ from tqdm.auto import tqdm
 from rlxf.config import check_ranges
 from rlxf.credit.segments import CreditConfig
 from rlxf.data.formats import load_preferences
-from rlxf.data.packing import check_packing_supported, pack_pairs
+from rlxf.data.packing import PackShapes, check_packing_supported, pack_pairs, packed_attention, resolve_pack_shapes
 from rlxf.data.tokenize import encode_preferences, pad
 from rlxf.engine import Engine, TrainConfig
 from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import packed_sequence_logprobs, sequence_logprobs, shift_for_next_token, weighted_sequence_logprobs
 from rlxf.losses import dpo_loss
-from rlxf.trainers.common import check_eval_split, load_train_eval
+from rlxf.models.lora import LoraSettings, add_lora
+from rlxf.trainers.common import check_eval_split, load_reference, load_train_eval
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,15 @@ class DPOConfig:
     pack: bool = True
     """Pack each micro-batch's pairs into rows without padding, each prompt computed once (same log-probs, fewer
     token positions); needs the 'sdpa' or 'eager' attention implementation."""
+    pack_length_multiple: int = 0
+    """Packed rows are this many tokens long or a multiple of it, so micro-batch shapes repeat (a GPU reuses attention
+    plans and memory blocks); same log-probs up to float rounding. 0: 256 on a GPU, 1 (tightest) on the CPU."""
+    pack_rows_multiple: int = 0
+    """Packed rows per micro-batch rounded up to a multiple of this (rows of padding); 0: 2 on a GPU, 1 on the CPU."""
+    packed_attention: Literal["auto", "efficient", "cudnn", "flash", "math"] = "auto"
+    """SDPA kernel for packed rows (their block mask): 'auto' lets PyTorch choose (cuDNN on recent GPUs, which builds
+    a plan per new shape); 'efficient' the memory-efficient kernel (no plans); 'math' the reference. No effect on
+    the CPU beyond 'math'."""
     reference: Literal["cached", "live"] = "cached"
     """'cached' computes reference log-probs once before training; 'live' keeps a frozen copy and recomputes."""
     credit: CreditConfig = field(default_factory=CreditConfig)
@@ -88,6 +100,9 @@ class DPOConfig:
     pair; chosen keeps the tokens of positive-reward segments, rejected those of negative-reward ones; the mask
     multiplies the policy and the reference log-probs; τ comes from the chosen + rejected rewards of blocks of
     `train.batch_size` pairs in file order (or `credit.tau` when set)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight: final/ then holds the adapters, which
+    `peft.PeftModel.from_pretrained`, `rlxf merge` and every rlxf stage load (README, "LoRA adapters")."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
 
@@ -100,6 +115,8 @@ class DPOConfig:
                 "beta": ">0",
                 "label_smoothing": "[0,0.5)",
                 "sft_weight": ">=0",
+                "pack_length_multiple": ">=0",
+                "pack_rows_multiple": ">=0",
             },
         )
         check_eval_split(self.eval_split, self.eval_file)
@@ -111,8 +128,14 @@ class DPOConfig:
             )
 
 
-def collate_dpo(rows: list[dict[str, Any]], pad_id: int, use_label_prob: bool, pack: bool = False) -> dict[str, Any]:
-    """2B right-padded sequences (chosen rows first) and their response masks, or the pairs packed (see
+def collate_dpo(
+    rows: list[dict[str, Any]],
+    pad_id: int,
+    use_label_prob: bool,
+    pack: bool = False,
+    shapes: PackShapes = PackShapes(),
+) -> dict[str, Any]:
+    """2B right-padded sequences (chosen rows first) and their response masks, or the pairs packed in `shapes` (see
     `rlxf.data.packing`); cached reference log-probs. `num_tokens` counts the tokens of the 2B sequences either way.
 
     Rows with ASR keep-masks (`chosen_weight`, `rejected_weight`: one weight per response token) add the token
@@ -125,7 +148,7 @@ def collate_dpo(rows: list[dict[str, Any]], pad_id: int, use_label_prob: bool, p
     weighted = "chosen_weight" in rows[0]
     weights = [r["chosen_weight"] for r in rows] + [r["rejected_weight"] for r in rows] if weighted else []
     if pack:
-        batch |= pack_pairs(rows, pad_id)
+        batch |= pack_pairs(rows, pad_id, length_multiple=shapes.length_multiple, rows_multiple=shapes.rows_multiple)
         if weighted:
             # Targets of one sequence appear in order (token 0, 1, ...), so a running count per sequence finds each
             # target's token. O(N) in Python, once per micro-batch.
@@ -174,28 +197,43 @@ def response_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch
 
 @torch.no_grad()
 def cache_reference_logps(
-    ref: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, batch_size: int, device, desc: str, pack: bool
+    ref: torch.nn.Module,
+    rows: list[dict[str, Any]],
+    pad_id: int,
+    batch_size: int,
+    device,
+    desc: str,
+    pack: bool,
+    shapes: PackShapes = PackShapes(),
+    precision: Callable[[], AbstractContextManager] = nullcontext,
 ) -> None:
-    """Store `ref_chosen_logp` / `ref_rejected_logp` in every row."""
+    """Store `ref_chosen_logp` / `ref_rejected_logp` in every row; the forward passes run under `precision()` (the
+    policy's autocast), so the cached numbers are those a live reference would give."""
     ref.eval()
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, dynamic_ncols=True, leave=False):
         chunk = rows[i : i + batch_size]
-        batch = {
-            k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_dpo(chunk, pad_id, False, pack).items()
-        }
-        logps, _ = response_logps(ref, batch)
+        collated = collate_dpo(chunk, pad_id, False, pack, shapes)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collated.items()}
+        with precision():
+            logps, _ = response_logps(ref, batch)
         chosen, rejected = logps.float().cpu().chunk(2)
         for row, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             row["ref_chosen_logp"], row["ref_rejected_logp"] = c, r
 
 
 def dpo_batch_loss(
-    policy: torch.nn.Module, ref: torch.nn.Module | None, batch: dict[str, Any], cfg: DPOConfig
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    batch: dict[str, Any],
+    cfg: DPOConfig,
+    ref_precision: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Summed DPO loss of a batch and summed metrics (TRL's names)."""
+    """Summed DPO loss of a batch and summed metrics (TRL's names). A live `ref` runs under `ref_precision()`: the
+    engine's autocast, which wraps only the prepared policy's forward, so the reference gets the policy's precision
+    (bf16 on a GPU) instead of running in fp32."""
     logps, lengths = response_logps(policy, batch)
     if ref is not None:
-        with torch.no_grad():
+        with torch.no_grad(), ref_precision():
             ref_logps, _ = response_logps(ref, batch)
     else:
         ref_logps = batch["ref_logps"]
@@ -278,7 +316,8 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     last evaluation."""
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, tokenizer=tokenizer)
+        model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
+    model = add_lora(model, cfg.lora, cfg.model, cfg.train.seed)
     out = Path(cfg.out)
 
     def encoded(raw: list[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -343,20 +382,23 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     if asr_metrics and engine.step == 0:
         engine.log(asr_metrics)  # once, at step 0: what the masks keep of the training pairs
 
-    # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = load_model(cfg.ref_model or cfg.model, what="reference model").to(engine.device).eval()
-    ref.requires_grad_(False)
+    ref = load_reference(cfg.model, cfg.ref_model, cfg.lora, engine.unwrap(), cfg.train, engine.device)
+    shapes = resolve_pack_shapes(cfg.pack_length_multiple, cfg.pack_rows_multiple, engine.device)
+    ref_precision = engine.accelerator.autocast
     if cfg.reference == "cached":
         for split, split_rows in (("train", rows), ("eval", eval_rows)):
-            cache_reference_logps(
-                ref,
-                split_rows,
-                pad_id,
-                cfg.train.per_device_batch_size,
-                engine.device,
-                f"reference log-probs ({split})",
-                cfg.pack,
-            )
+            with packed_attention(cfg.packed_attention if cfg.pack else "auto"):
+                cache_reference_logps(
+                    ref,
+                    split_rows,
+                    pad_id,
+                    cfg.train.per_device_batch_size,
+                    engine.device,
+                    f"reference log-probs ({split})",
+                    cfg.pack,
+                    shapes,
+                    ref_precision,
+                )
         ref = None
     final_eval: dict[str, float] = {}
 
@@ -370,7 +412,7 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
         sums: dict[str, float] = {}
         for i in range(0, len(eval_rows), cfg.train.per_device_batch_size):
             batch = engine.to_device(collate_dpo(eval_rows[i : i + cfg.train.per_device_batch_size], pad_id, False))
-            _, metrics = dpo_batch_loss(net, ref, batch, cfg)
+            _, metrics = dpo_batch_loss(net, ref, batch, cfg, ref_precision)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
         net.train()
@@ -382,9 +424,10 @@ def train_dpo(cfg: DPOConfig, model: torch.nn.Module | None = None) -> dict[str,
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
     if cfg.pack:
         check_packing_supported(engine.unwrap())
-    collate = lambda b: collate_dpo(b, pad_id, cfg.use_label_prob, cfg.pack)
+    collate = lambda b: collate_dpo(b, pad_id, cfg.use_label_prob, cfg.pack, shapes)
     for micro_batches in engine.steps(rows, collate, lengths):
-        engine.train_step(micro_batches, lambda batch: dpo_batch_loss(policy, ref, batch, cfg))
+        with packed_attention(cfg.packed_attention if cfg.pack else "auto"):
+            engine.train_step(micro_batches, lambda batch: dpo_batch_loss(policy, ref, batch, cfg, ref_precision))
         if engine.should_evaluate():
             evaluate()
 

@@ -47,6 +47,7 @@ from rlxf.engine import Engine, NonFiniteLossError, TrainConfig
 from rlxf.errors import UserError
 from rlxf.hf import check_vocabulary_fits, load_model, load_tokenizer, readable_files
 from rlxf.logprobs import token_logprobs
+from rlxf.models.lora import LoraSettings, add_lora, transformers_model
 from rlxf.models.reward_model import RewardModel, positions_from_mask
 from rlxf.rewards.sources import RewardSource, build_reward_source, source_stats
 from rlxf.rl import (
@@ -64,7 +65,7 @@ from rlxf.rl import (
     value_loss,
 )
 from rlxf.sampling import GenerationSettings, rollout_seed, sample_rollout
-from rlxf.trainers.common import collate_prompts, load_encoded, load_gold_world
+from rlxf.trainers.common import collate_prompts, load_encoded, load_gold_world, load_reference
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ class PPOConfig:
     """FactWorld directory whose gold score of the rollouts is logged (`rewards/gold`), never trained on."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight: final/ then holds the adapters, which
+    `peft.PeftModel.from_pretrained`, `rlxf merge` and every rlxf stage load (README, "LoRA adapters")."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1e-5, batch_size=16, per_device_batch_size=4, max_steps=100)
     )
@@ -189,10 +193,11 @@ class ActorCritic(nn.Module):
         position_ids = positions_from_mask(attention_mask)  # left-padded prompts: positions start at each row's BOS
         predicting = slice(input_ids.shape[1] - response_width - 1, input_ids.shape[1] - 1)
         if self.value_head is not None:
-            hidden = self.policy.base_model(
+            policy = transformers_model(self.policy)  # a PeftModel's backbone is not its `.base_model`
+            hidden = policy.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
             ).last_hidden_state[:, predicting]  # (B, T, H)
-            logits = self.policy.get_output_embeddings()(hidden)  # (B, T, V)
+            logits = policy.get_output_embeddings()(hidden)  # (B, T, V)
             values = self.value_head(hidden).squeeze(-1).float()  # (B, T)
             return logits, values
         logits = self.policy(
@@ -397,10 +402,13 @@ def ppo_loss(
 
 
 def load_actor_critic(cfg: PPOConfig, model: nn.Module | None) -> ActorCritic:
-    policy = model if model is not None else load_model(cfg.model)
+    policy = model if model is not None else load_model(cfg.model, **cfg.train.load_kwargs())
+    policy = add_lora(policy, cfg.lora, cfg.model, cfg.train.seed)
     value_model = None
     if not cfg.shared_value_head:
-        value_model = load_model(cfg.value_model or cfg.model, RewardModel.from_pretrained, "value model")
+        value_path = cfg.value_model or cfg.model
+        value_model = load_model(value_path, RewardModel.from_pretrained, "value model", **cfg.train.load_kwargs())
+        value_model = add_lora(value_model, cfg.lora, value_path, cfg.train.seed + 1)
     return ActorCritic(policy, value_model)
 
 
@@ -430,9 +438,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
     source = build_reward_source(cfg.reward, device=engine.device)
     world = load_gold_world(cfg.gold_world)
     credit_source = build_reward_source(cfg.credit.token_reward, engine.device) if cfg.credit.token_reward else None
-    # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = load_model(cfg.ref_model or cfg.model, what="reference model").to(engine.device).eval()
-    ref.requires_grad_(False)
+    ref = load_reference(cfg.model, cfg.ref_model, cfg.lora, engine.unwrap().policy, cfg.train, engine.device)
     if cfg.kl_target > 0:
         kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     else:

@@ -48,6 +48,7 @@ from rlxf.engine import Engine, TrainConfig
 from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.losses import pairwise_accuracy
+from rlxf.models.lora import LoraSettings, add_lora
 from rlxf.models.reward_model import RewardModel
 from rlxf.trainers.common import check_eval_split, load_encoded_splits
 
@@ -92,6 +93,9 @@ class RankingRewardModelConfig:
     """ε of the smoothed utilities (linear extension below 0)."""
     ranking_reduction: Literal["prompt", "pairs"] = "prompt"
     """Mean over each prompt's pairs then over prompts, or mean over all pairs of the batch."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight: final/ then holds the adapters, which
+    `peft.PeftModel.from_pretrained`, `rlxf merge` and every rlxf stage load (README, "LoRA adapters")."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine); batch sizes count prompts, each with all its responses."""
 
@@ -176,8 +180,11 @@ def train_ranking_reward_model(cfg: RankingRewardModelConfig, model: RewardModel
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
         torch.manual_seed(cfg.train.seed)  # the new reward head is drawn here, before the engine seeds
-        model = load_model(cfg.model, RewardModel.from_pretrained, "reward model", tokenizer=tokenizer)
+        model = load_model(
+            cfg.model, RewardModel.from_pretrained, "reward model", tokenizer=tokenizer, **cfg.train.load_kwargs()
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
+    model = add_lora(model, cfg.lora, cfg.model, cfg.train.seed)
     out = Path(cfg.out)
 
     lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}

@@ -40,6 +40,7 @@ from rlxf.engine import Engine, TrainConfig
 from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import weighted_sequence_logprobs
+from rlxf.models.lora import LoraSettings, add_lora
 from rlxf.rewards.sources import RewardSource, build_reward_source
 from rlxf.sampling import GenerationSettings, rollout_seed, sample_rollout
 from rlxf.trainers.common import collate_prompts, load_encoded, load_gold_world
@@ -72,6 +73,9 @@ class RejectionSamplingConfig:
     """FactWorld directory whose gold score of the winners is logged (`rewards/gold`), never trained on."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight: final/ then holds the adapters, which
+    `peft.PeftModel.from_pretrained`, `rlxf merge` and every rlxf stage load (README, "LoRA adapters")."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1e-5, batch_size=16, per_device_batch_size=4, max_steps=100)
     )
@@ -161,7 +165,8 @@ def train_rejection_sampling(cfg: RejectionSamplingConfig, model: torch.nn.Modul
         raise UserError("--prompts-file and --reward are required (see `rlxf rejection-sampling --help`)")
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, tokenizer=tokenizer)
+        model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
+    model = add_lora(model, cfg.lora, cfg.model, cfg.train.seed)
     out = Path(cfg.out)
     rows = load_encoded(
         load_prompts, encode_prompts, cfg.prompts_file, tokenizer, out, "prompts", cfg.on_bad_row,

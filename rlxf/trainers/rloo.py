@@ -39,10 +39,11 @@ from rlxf.engine import Engine, TrainConfig
 from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
+from rlxf.models.lora import LoraSettings, add_lora
 from rlxf.rewards.sources import RewardSource, build_reward_source, source_stats
 from rlxf.rl import entropy_from_logits, masked_mean, rloo_advantages
 from rlxf.sampling import GenerationSettings, rollout_seed, sample_rollout
-from rlxf.trainers.common import collate_prompts, load_encoded, load_gold_world
+from rlxf.trainers.common import collate_prompts, load_encoded, load_gold_world, load_reference
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class RLOOConfig:
     """FactWorld directory whose gold score of the rollouts is logged (`rewards/gold`), never trained on."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed prompt row does: stop with an error, or be skipped and written to a side file."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight: final/ then holds the adapters, which
+    `peft.PeftModel.from_pretrained`, `rlxf merge` and every rlxf stage load (README, "LoRA adapters")."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1e-5, batch_size=16, per_device_batch_size=4, max_steps=100)
     )
@@ -211,7 +215,8 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
         raise UserError("--prompts-file and --reward are required (see `rlxf rloo --help` for the reward spec)")
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, tokenizer=tokenizer)
+        model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
+    model = add_lora(model, cfg.lora, cfg.model, cfg.train.seed)
     out = Path(cfg.out)
     rows = load_encoded(
         load_prompts, encode_prompts, cfg.prompts_file, tokenizer, out, "prompts", cfg.on_bad_row,
@@ -223,9 +228,7 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
     credit_source = build_reward_source(cfg.credit.token_reward, engine.device) if cfg.credit.token_reward else None
     world = load_gold_world(cfg.gold_world)
 
-    # Loaded from disk, not copied from the policy: on resume the policy has already moved.
-    ref = load_model(cfg.ref_model or cfg.model, what="reference model").to(engine.device).eval()
-    ref.requires_grad_(False)
+    ref = load_reference(cfg.model, cfg.ref_model, cfg.lora, engine.unwrap(), cfg.train, engine.device)
 
     for micro_batches in engine.steps(rows, collate_prompts):
         # 1-5. rollouts of this step's prompts, one per micro-batch, seeded by (seed, step, micro-batch, process)

@@ -20,12 +20,13 @@ import torch
 
 from rlxf.config import check_ranges
 from rlxf.data.formats import load_preferences
-from rlxf.data.packing import check_packing_supported
+from rlxf.data.packing import check_packing_supported, packed_attention, resolve_pack_shapes
 from rlxf.data.tokenize import encode_preferences
 from rlxf.engine import Engine, TrainConfig
 from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.losses import bradley_terry_losses, pairwise_accuracy, reward_centering_penalty
+from rlxf.models.lora import LoraSettings, add_lora
 from rlxf.models.reward_model import RewardModel, collate_pairs, evaluate_pairs, pair_rewards
 from rlxf.trainers.common import check_eval_split, load_encoded_splits
 
@@ -67,14 +68,35 @@ class RewardModelConfig:
     pack: bool = True
     """Pack each micro-batch's pairs into rows without padding, each prompt computed once (same rewards, fewer
     token positions); needs the 'sdpa' or 'eager' attention implementation."""
+    pack_length_multiple: int = 0
+    """Packed rows are this many tokens long or a multiple of it, so micro-batch shapes repeat (a GPU reuses attention
+    plans and memory blocks); same rewards up to float rounding. 0: 256 on a GPU, 1 (tightest) on the CPU."""
+    pack_rows_multiple: int = 0
+    """Packed rows per micro-batch rounded up to a multiple of this (rows of padding); 0: 2 on a GPU, 1 on the CPU."""
+    packed_attention: Literal["auto", "efficient", "cudnn", "flash", "math"] = "auto"
+    """SDPA kernel for packed rows (their block mask): 'auto' lets PyTorch choose (cuDNN on recent GPUs, which builds
+    a plan per new shape); 'efficient' the memory-efficient kernel (no plans); 'math' the reference. No effect on
+    the CPU beyond 'math'."""
     loss: Literal["bradley_terry"] = "bradley_terry"
     """The only loss on pairs; recorded in the run's config.json, where `rlxf collapse diagnose` reads it. Ranking
     losses (ranking, plackett_luce, pairwise_bt) are `rlxf ranking-rm`, which `rlxf rm --loss ranking` runs."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight: final/ then holds the adapters, which
+    `peft.PeftModel.from_pretrained`, `rlxf merge` and every rlxf stage load (README, "LoRA adapters")."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, epochs=1.0))
     """Optimisation settings (engine)."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, {"max_length": ">=2", "max_prompt_length": ">=1", "center_rewards_coef": ">=0"})
+        check_ranges(
+            self,
+            {
+                "max_length": ">=2",
+                "max_prompt_length": ">=1",
+                "center_rewards_coef": ">=0",
+                "pack_length_multiple": ">=0",
+                "pack_rows_multiple": ">=0",
+            },
+        )
         check_eval_split(self.eval_split, self.eval_file)
 
 
@@ -109,8 +131,11 @@ def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None)
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
         torch.manual_seed(cfg.train.seed)  # the new reward head is drawn here, before the engine seeds
-        model = load_model(cfg.model, RewardModel.from_pretrained, "reward model", tokenizer=tokenizer)
+        model = load_model(
+            cfg.model, RewardModel.from_pretrained, "reward model", tokenizer=tokenizer, **cfg.train.load_kwargs()
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
+    model = add_lora(model, cfg.lora, cfg.model, cfg.train.seed)
     out = Path(cfg.out)
 
     rows, eval_rows = load_encoded_splits(
@@ -141,9 +166,11 @@ def train_reward_model(cfg: RewardModelConfig, model: RewardModel | None = None)
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
     if cfg.pack:
         check_packing_supported(engine.unwrap())
-    collate = lambda b: collate_pairs(b, pad_id, cfg.use_margin, cfg.use_label_prob, cfg.pack)
+    shapes = resolve_pack_shapes(cfg.pack_length_multiple, cfg.pack_rows_multiple, engine.device)
+    collate = lambda b: collate_pairs(b, pad_id, cfg.use_margin, cfg.use_label_prob, cfg.pack, shapes)
     for micro_batches in engine.steps(rows, collate, lengths):
-        engine.train_step(micro_batches, lambda batch: pair_loss_and_metrics(rm, batch, cfg.center_rewards_coef))
+        with packed_attention(cfg.packed_attention if cfg.pack else "auto"):
+            engine.train_step(micro_batches, lambda batch: pair_loss_and_metrics(rm, batch, cfg.center_rewards_coef))
         if engine.should_evaluate():
             evaluate()
 

@@ -28,6 +28,7 @@ from rlxf.engine import Engine, TrainConfig
 from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
+from rlxf.models.lora import LoraSettings, add_lora
 from rlxf.rewards.seq2seq import (
     CONFIG_KEY,
     REVIEW_DELIMITER,
@@ -84,6 +85,9 @@ class Seq2SeqRMConfig:
     early_stop_patience: int = 3
     """Stop when the held-out flag-rate gap has not improved for this many evaluations (set train.eval_every);
     0 disables. Needs held-out pairs."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight. Unlike the other trainers, final/ holds the
+    adapters merged into the model: the RM's template lives in its config.json, which an adapter directory lacks."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, batch_size=32, epochs=2.0))
     """Optimisation settings (engine). The spec's recipe: lr 1e-5 to 2e-5, cosine, ~3% warm-up (warmup_steps),
     1-3 epochs."""
@@ -158,7 +162,8 @@ def train_seq2seq_rm(cfg: Seq2SeqRMConfig, model: torch.nn.Module | None = None)
     """Train a seq2seq RM on preference pairs; returns the metric history and the last sanity metrics."""
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, tokenizer=tokenizer)
+        model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
+    model = add_lora(model, cfg.lora, cfg.model, cfg.train.seed)
     out = Path(cfg.out)
 
     # 1. preference rows in any format -> ids; the response side is never cut here (the row layout decides)
@@ -251,7 +256,9 @@ def train_seq2seq_rm(cfg: Seq2SeqRMConfig, model: torch.nn.Module | None = None)
             break
 
     if engine.finished or stopped_early:
-        engine.save_final(tokenizer)
+        trained = engine.unwrap()
+        # training is over: merging in place is safe, and the merged model keeps the template in its config.json
+        engine.save_final(tokenizer, model=trained.merge_and_unload() if cfg.lora.enabled else None)
     engine.close()
     return {
         "history": engine.history,

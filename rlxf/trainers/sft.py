@@ -19,6 +19,7 @@ from rlxf.data.tokenize import encode_sft, pad
 from rlxf.engine import Engine, TrainConfig
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
+from rlxf.models.lora import LoraSettings, add_lora
 from rlxf.trainers.common import check_eval_split, load_encoded_splits
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class SFTConfig:
     truncate_responses: bool = False
     """Cut over-long responses instead of rejecting the row (TRL's rule): the prompt keeps up to max_prompt_length
     tokens, the responses the rest of max_length (a cut response has no EOS); counted and logged."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (`lora.r` > 0) instead of training every weight: final/ then holds the adapters, which
+    `peft.PeftModel.from_pretrained`, `rlxf merge` and every rlxf stage load (README, "LoRA adapters")."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, epochs=3.0))
     """Optimisation settings (engine)."""
 
@@ -106,7 +110,8 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module | None = None) -> dict[str,
     """Fine-tune `cfg.model` on `cfg.train_file`; returns the metric history and the final evaluation."""
     tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, tokenizer=tokenizer)
+        model = load_model(cfg.model, tokenizer=tokenizer, **cfg.train.load_kwargs())
+    model = add_lora(model, cfg.lora, cfg.model, cfg.train.seed)
     out = Path(cfg.out)
     load = functools.partial(
         load_sft,
