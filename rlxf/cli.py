@@ -107,6 +107,12 @@ def _rm() -> Command:
     return Command(RewardModelConfig, lambda cfg: _print_summary(train_reward_model(cfg)), pick)
 
 
+def _seq2seq_rm() -> Command:
+    from rlxf.trainers.seq2seq_rm import Seq2SeqRMConfig, train_seq2seq_rm
+
+    return Command(Seq2SeqRMConfig, lambda cfg: _print_summary(train_seq2seq_rm(cfg)))
+
+
 def _ranking_rm() -> Command:
     from rlxf.trainers.ranking_rm import RankingRewardModelConfig, train_ranking_reward_model
 
@@ -251,6 +257,11 @@ COMMANDS: dict[str, tuple[str, Callable[[], Command]]] = {
         "Train a reward model on rankings (K responses per prompt): reward-collapse utilities per prompt, "
         "Plackett-Luce, all-pairs Bradley-Terry.",
         _ranking_rm,
+    ),
+    "seq2seq-rm": (
+        "Train a seq2seq reward model (arXiv 2409.00162): a causal LM that rewrites rejected responses into chosen "
+        "ones; use it as the token-level reward `seq2seq:OUT/final`.",
+        _seq2seq_rm,
     ),
     "dpo": ("Direct preference optimisation (sigmoid / IPO / conservative / soft labels, cached reference).", _dpo),
     "rloo": ("REINFORCE leave-one-out: k samples per prompt, any reward source, KL to a frozen reference.", _rloo),

@@ -64,6 +64,9 @@ class EvalConfig:
     pairs_file: str = ""
     """Preference pairs (prompt / chosen / rejected, any format `load_preferences` reads) for the reward-model
     accuracy (default with --world: <world>/preferences_test.jsonl)."""
+    seq2seq_rm: str = ""
+    """Seq2seq reward-model directory (`rlxf seq2seq-rm`): its sanity metrics on `pairs_file` (pairwise accuracy
+    with R(y) = Σ_t r_t, copy rate on chosen, flag rates on chosen and rejected, the flag-rate gap)."""
     rm_score: bool | None = None
     """Score every policy's responses with --reward_model (mean, sd, 95% interval). None = on without --world, off
     with --world (which keeps the gold evaluation as it was)."""
@@ -385,7 +388,7 @@ def judge_outcomes(
 
 
 def _check(cfg: EvalConfig) -> None:
-    if not cfg.policies and not cfg.reward_model:
+    if not cfg.policies and not cfg.reward_model and not cfg.seq2seq_rm:
         raise UserError(
             "nothing to evaluate: give --policies A,B (with --world W or --prompts_file F), and/or --reward_model DIR "
             "with --pairs_file F (or --world W) for its pairwise accuracy"
@@ -396,8 +399,10 @@ def _check(cfg: EvalConfig) -> None:
         raise UserError("--judge compares policies: give --policies BASELINE,POLICY,... and --prompts_file F")
     if not cfg.policies and cfg.reward_model and not (cfg.pairs_file or cfg.world):
         raise UserError("--reward_model alone needs --pairs_file F (preference pairs) for its pairwise accuracy")
-    if cfg.pairs_file and not cfg.reward_model:
+    if cfg.pairs_file and not cfg.reward_model and not cfg.seq2seq_rm:
         raise UserError("--pairs_file is read for the reward-model accuracy: give --reward_model DIR too")
+    if cfg.seq2seq_rm and not (cfg.pairs_file or cfg.world):
+        raise UserError("--seq2seq_rm needs --pairs_file F (preference pairs) for its sanity metrics")
     if cfg.rm_score and not cfg.reward_model:
         raise UserError("--rm_score true needs --reward_model DIR")
 
@@ -429,9 +434,27 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "n_pairs": len(outcomes),
             "pairs_file": pairs,
         }
+    if cfg.seq2seq_rm:
+        pairs = cfg.pairs_file or str(Path(cfg.world) / "preferences_test.jsonl")
+        summary["seq2seq_rm_sanity"] = seq2seq_rm_sanity(cfg.seq2seq_rm, pairs, out, cfg.max_prompt_length)
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     (out / "eval.md").write_text(markdown_table(summary))
     return summary
+
+
+def seq2seq_rm_sanity(rm_dir: str, pairs_file: str, out: Path, max_prompt_length: int) -> dict[str, Any]:
+    """The sanity metrics of a seq2seq RM on preference pairs (docs/methods/seq2seq_rm.md §2.6); rows whose
+    `label_prob` < ½ count `rejected` as the preferred response, as in training."""
+    from rlxf.data.formats import load_preferences
+    from rlxf.data.tokenize import encode_preferences
+    from rlxf.rewards.seq2seq import as_encoded_pairs, load_seq2seq_rm, oriented_pairs, sanity_metrics
+
+    model, tokenizer, template = load_seq2seq_rm(rm_dir)
+    rows = load_preferences(pairs_file, on_bad_row="skip", rejected_path=out / "pairs.rejected.jsonl")
+    encoded = encode_preferences(rows, tokenizer, max_prompt_length=max_prompt_length, on_bad_row="skip")
+    pairs, counts = oriented_pairs(encoded, template.eos_id, use_label_prob=True)
+    metrics = sanity_metrics(model, template, as_encoded_pairs(pairs, template.eos_id), tokenizer.pad_token_id)
+    return {**metrics, "n_pairs": len(pairs), "skipped": counts, "pairs_file": pairs_file}
 
 
 def _evaluate_policies(cfg: EvalConfig, out: Path, scorer: Callable[[str], RewardModelScorer]) -> dict[str, Any]:
@@ -626,6 +649,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
         if info:
             line += f" [{info['ci_low']:.3f}, {info['ci_high']:.3f}] (95% CI, ties ½), {info['n_pairs']} pairs"
         lines.append(line)
+    if "seq2seq_rm_sanity" in summary:
+        m = summary["seq2seq_rm_sanity"]
+        lines += ["", "| seq2seq RM | pairwise_accuracy | copy_rate_chosen | flag_rate_chosen | flag_rate_rejected | "
+                  "flag_rate_gap |", "|---|---|---|---|---|---|",
+                  f"| {m['n_pairs']} pairs | {m['pairwise_accuracy']:.3f} | {m['copy_rate_chosen']:.3f} | "
+                  f"{m['flag_rate_chosen']:.3f} | {m['flag_rate_rejected']:.3f} | {m['flag_rate_gap']:.3f} |"]  # fmt: skip
     if lines and lines[0] == "":
         lines = lines[1:]
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ PREFIXES = {
     "rloo_": "rloo",
     "reinforce_": "reinforce",
     "rejection_sampling_": "rejection-sampling",
+    "seq2seq_rm": "seq2seq-rm",
 }
 """File name prefix -> the `rlxf` command that reads the file."""
 

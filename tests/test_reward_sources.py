@@ -314,7 +314,11 @@ def test_build_reward_source_parses_specs(factworld_dir, rm_dir):
     [
         ("", ValueError, "empty reward spec"),
         ("rm", ValueError, "no 'KIND:ARGS'"),
-        ("gold:runs/x", ValueError, r"unknown reward kind 'gold'.*\['callable', 'dpo', 'factworld', 'rlaif', 'rm'\]"),
+        (
+            "gold:runs/x",
+            ValueError,
+            r"unknown reward kind 'gold'.*\['callable', 'dpo', 'factworld', 'rlaif', 'rm', 'seq2seq'\]",
+        ),
         ("dpo:/nonexistent/dpo", FileNotFoundError, "does not exist"),
         ("dpo:a:b:c", ValueError, r"expected 'dpo:DIR\[:REF_DIR\]\[:beta=B\]'"),
         ("dpo:a:beta=x", ValueError, "'beta=x'.*not a number"),

@@ -16,6 +16,8 @@ Sources:
 - `DPOImplicitRewardSource(dpo_dir, ref_dir, beta)`: per-token implicit rewards β·(log π_dpo − log π_ref) of a DPO model;
 - `FactWorldGoldSource(world_dir, level)`: FactWorld's gold scorer, per sequence or per fact span;
 - `CallableSource("module:function")`: a user's function;
+- `Seq2SeqRewardSource(rm_dir, variant)` (in `rlxf.rewards.seq2seq`): +α / −β where a seq2seq RM agrees with / diverges
+  from the response (`seq2seq:DIR`, docs/methods/seq2seq_rm.md §2.4);
 - `WeightedSum([(w, source), ...])`: Σ w_i · rewards_i.
 `build_reward_source("0.5*rm:DIR+factworld:DIR:token")` builds them from a config string.
 
@@ -331,6 +333,8 @@ SPEC_HELP = (
     "(gold score per sequence or per fact span), 'dpo:DIR[:REF_DIR][:beta=B]' (per-token β·(log π_dpo − log "
     "π_ref) of a DPO model; reference and β default to DIR/../config.json of `rlxf dpo`, else β = 0.1), "
     "'rlaif:MODEL_DIR_OR_URL[?task=helpful&...]' (d-RLAIF: an LLM's expected 1-10 score mapped to [-1, 1]), "
+    "'seq2seq:DIR[:variant=A|B|soft][:match_topk=K][:c=C][:alpha=A][:beta=B]' (token rewards of a seq2seq RM "
+    "from `rlxf seq2seq-rm`: +alpha where it agrees with the response, -beta where it diverges), "
     "'callable:module:function'. "
     "Example: '0.5*rm:runs/rm/final+factworld:runs/factworld:token'"
 )
@@ -383,12 +387,21 @@ def _build_dpo(args: str, term: str, device: Device) -> RewardSource:
     return DPOImplicitRewardSource(paths[0], paths[1] if len(paths) == 2 else None, beta=beta, device=device)
 
 
+def _build_seq2seq(args: str, term: str, device: Device) -> RewardSource:
+    """'seq2seq:DIR[:variant=B][:match_topk=3]...' -> Seq2SeqRewardSource (docs/methods/seq2seq_rm.md §2.4)."""
+    from rlxf.rewards.seq2seq import Seq2SeqRewardSource, parse_seq2seq_spec
+
+    path, options = parse_seq2seq_spec(args, term)
+    return Seq2SeqRewardSource(path, device=device, **options)
+
+
 REWARD_KINDS: dict[str, RewardBuilder] = {
     "callable": _build_callable,
     "dpo": _build_dpo,
     "factworld": _build_factworld,
     "rlaif": _build_rlaif,
     "rm": _build_rm,
+    "seq2seq": _build_seq2seq,
 }
 """The kinds a reward spec may name; `register_reward_kind` adds one."""
 
@@ -407,6 +420,15 @@ def _build_term(term: str, device: Device) -> RewardSource:
     if kind not in REWARD_KINDS:
         raise UserError(f"unknown reward kind {kind!r} in {term!r}; choose one of {sorted(REWARD_KINDS)}")
     return REWARD_KINDS[kind](args, term, device)
+
+
+def source_stats(source: RewardSource) -> dict[str, float]:
+    """What a source measured since it was last asked (e.g. `seq2seq/truncated_frac`), for the trainer's log: the
+    `pop_stats()` of the source, or of each term of a weighted sum; {} for sources that keep none."""
+    if isinstance(source, WeightedSum):
+        return {k: v for _, term in source.terms for k, v in source_stats(term).items()}
+    pop = getattr(source, "pop_stats", None)
+    return pop() if callable(pop) else {}
 
 
 def build_reward_source(spec: str, device: str | torch.device | None = None) -> RewardSource:

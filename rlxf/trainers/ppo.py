@@ -49,7 +49,7 @@ from rlxf.hf import check_vocabulary_fits, load_model, load_tokenizer, readable_
 from rlxf.logprobs import token_logprobs
 from rlxf.models.lora import LoraSettings, add_lora, transformers_model
 from rlxf.models.reward_model import RewardModel, positions_from_mask
-from rlxf.rewards.sources import RewardSource, build_reward_source
+from rlxf.rewards.sources import RewardSource, build_reward_source, source_stats
 from rlxf.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -516,6 +516,7 @@ def train_ppo(cfg: PPOConfig, model: nn.Module | None = None) -> dict[str, Any]:
                 "response/finished": mean(traj["finished"]),
                 "value/mean": float(masked_mean(tensors["old_values"], tensors["response_mask"])),
                 **credit_stats,
+                **source_stats(source),  # e.g. seq2seq/truncated_frac
             }
             if "gold" in traj:
                 rollout_metrics["rewards/gold"] = mean(traj["gold"])

@@ -40,7 +40,7 @@ from rlxf.errors import UserError
 from rlxf.hf import load_model, load_tokenizer
 from rlxf.logprobs import shift_for_next_token, token_logprobs
 from rlxf.models.lora import LoraSettings, add_lora
-from rlxf.rewards.sources import RewardSource, build_reward_source
+from rlxf.rewards.sources import RewardSource, build_reward_source, source_stats
 from rlxf.rl import entropy_from_logits, masked_mean, rloo_advantages
 from rlxf.sampling import GenerationSettings, rollout_seed, sample_rollout
 from rlxf.trainers.common import collate_prompts, load_encoded, load_gold_world, load_reference
@@ -259,6 +259,7 @@ def train_rloo(cfg: RLOOConfig, model: torch.nn.Module | None = None) -> dict[st
             if "gold" in mean:
                 rollout_metrics["rewards/gold"] = mean["gold"]
             rollout_metrics |= credit_metrics(credit_totals)
+            rollout_metrics |= source_stats(source)  # e.g. seq2seq/truncated_frac
             engine.log(rollout_metrics)
 
     if engine.finished:
