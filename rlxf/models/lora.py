@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,14 @@ class LoraSettings:
     @property
     def enabled(self) -> bool:
         return self.r > 0
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """PEFT 0.2x calls a transformers name that 5.x deprecated (`is_gradient_checkpointing`): not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _targets(settings: LoraSettings) -> str | list[str]:
@@ -70,8 +80,7 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings, base: str | Path, s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            with warnings.catch_warnings():  # PEFT calls a transformers name deprecated in 5.x; not the user's concern
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            with _quiet_peft():
                 peft_model = get_peft_model(model.hf if reward_model else model, config)
         except ValueError as e:  # e.g. "Target modules {...} not found in the base model"
             from rlxf.errors import UserError
@@ -128,7 +137,8 @@ def merge_adapters(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.
     `adapter_dir` merged into its weights: a plain transformers model again."""
     from peft import PeftModel
 
-    if hasattr(model, "hf"):  # a reward model: adapters and the trained head go into its transformers model
-        model.hf = PeftModel.from_pretrained(model.hf, str(adapter_dir)).merge_and_unload()
-        return model
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with _quiet_peft():
+        if hasattr(model, "hf"):  # a reward model: adapters and the trained head go into its transformers model
+            model.hf = PeftModel.from_pretrained(model.hf, str(adapter_dir)).merge_and_unload()
+            return model
+        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
