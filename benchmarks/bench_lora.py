@@ -84,7 +84,7 @@ def child_main(spec_path: str) -> None:
     train = TrainConfig(batch_size=spec["batch_size"], per_device_batch_size=spec["batch_size"],
                         max_steps=spec["steps"], lr=1e-5, log_every=1, progress=False, report_to="none",
                         mixed_precision="bf16" if on_gpu else "no", seed=spec["seed"],
-                        threads=spec["threads"])  # fmt: skip
+                        threads=spec["threads"], gradient_checkpointing=spec["gradient_checkpointing"])  # fmt: skip
     lora = LoraSettings(r=spec["lora_r"], alpha=2.0 * spec["lora_r"], dropout=0.0) if spec["mode"] == "lora" else None
     cfg = DPOConfig(model=spec["model"], train_file=spec["pairs"], out=spec["out"], reference=spec["reference"],
                     max_length=spec["max_length"], max_prompt_length=spec["max_length"], train=train,
@@ -112,7 +112,8 @@ def run_mode(args: argparse.Namespace, mode: str, work: Path, out: Path) -> dict
     spec = {"mode": mode, "reference": args.reference, "model": str(work / "model"), "pairs": str(work / "pairs.jsonl"),
             "out": str(out / f"run-{mode}"), "result": str(out / f"{mode}.json"), "steps": args.steps,
             "batch_size": args.batch_size, "max_length": args.max_length, "lora_r": args.lora_r,
-            "threads": args.threads, "seed": args.seed}  # fmt: skip
+            "threads": args.threads, "seed": args.seed,
+            "gradient_checkpointing": args.gradient_checkpointing}  # fmt: skip
     spec_path = out / f"{mode}.spec.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
@@ -127,7 +128,8 @@ def markdown(report: dict[str, Any]) -> str:
     unit = "peak CUDA MiB (allocated)" if gpu else "peak RSS MiB"
     lines = [
         f"# LoRA DPO vs full DPO ({report['parameters'] / 1e6:.1f}M-parameter Llama, {report['pairs']} HH-RLHF pairs, "
-        f"reference {report['reference']}, {report['device']})",
+        f"reference {report['reference']}, {report['device']}"
+        f"{', gradient checkpointing' if report['args']['gradient_checkpointing'] else ''})",
         "",
         f"| mode | tokens/s | {unit} | first → last loss | wall s |",
         "|---|---:|---:|---|---:|",
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--intermediate-size", type=int, default=4096)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="both modes recompute activations")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
