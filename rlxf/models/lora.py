@@ -5,8 +5,8 @@ model's head, which is new). Its `final/` is then a PEFT adapter directory, the 
 `peft.PeftModel.from_pretrained(base, final)` loads it, `rlxf merge` writes a plain `save_pretrained` model, and
 every rlxf stage that reads a model directory (`hf.load_model`) accepts it as it is, merging on load.
 
-DPO with adapters needs no second model in memory: its reference is the policy with the adapters switched off
-(`AdaptersOff`), which is the model the run started from.
+DPO, PPO and RLOO with adapters need no second model in memory: their reference is the policy with the adapters
+switched off (`AdaptersOff`), which is the model the run started from.
 """
 
 from __future__ import annotations
