@@ -1,0 +1,185 @@
+"""A reward model that reads what it judges: the Bradley–Terry reward parameterised as a likelihood ratio.
+
+`knowledge.py` found the SFT checkpoint knows 99% of FactWorld's facts, yet every scalar-head reward model trained
+from it is at chance on pairs that differ only in a stated value, and `rm_reading.py` found that where the scalar
+head is read (last token, sum, mean over the response) does not change that. This script trains the other
+parameterisation of the same Bradley–Terry model: r(x, y) = β·log π_θ(y|x)/π_ref(y|x), with π_θ and π_ref starting
+from the SFT checkpoint. Maximising the BT likelihood of the pairs under this r is exactly DPO's loss (Rafailov et
+al. 2023, eq. 7), so the judge is trained by `rlxf dpo` and read by the `dpo:DIR` reward source; its reward reads the
+LM head, where the knowledge is, token by token.
+
+It trains the judge on the world's own training pairs (`preferences_train.jsonl`: simulated-human labels, never the
+gold score) for each (lr, epochs) setting and seed, then measures on the 915 held-out pairs
+(`preferences_test.jsonl`, never trained on):
+- pairwise accuracy against the simulated human (ties ½) and against gold, by pair type (as `knowledge.py`);
+- the precision / recall of its negative adaptive segments against the gold wrong-fact spans (`rlxf segments
+  quality`, granularity `segment`), i.e. how well its token increments find the wrong facts.
+
+    python experiments/judges/implicit_rm.py --world runs/demo/world --sft runs/demo/sft/final \\
+        --out runs/experiments/judges/implicit_rm            # ≈ 2 min per setting and seed on 2 CPU cores
+
+The first setting's mean over seeds is written to experiments/judges.json (`rm_accuracy_human_heldout`,
+`rm_accuracy_gold_heldout`, `increment_precision`, `increment_recall`) with this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from experiments.judges.knowledge import PAIR_TYPES, gold_ceiling, pair_type  # noqa: E402
+from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality  # noqa: E402
+from rlxf.credit.segments import CreditConfig  # noqa: E402
+from rlxf.data.tokenize import encode_preferences  # noqa: E402
+from rlxf.engine import TrainConfig  # noqa: E402
+from rlxf.hf import load_tokenizer  # noqa: E402
+from rlxf.losses import pairwise_accuracy  # noqa: E402
+from rlxf.rewards.sources import DPOImplicitRewardSource  # noqa: E402
+from rlxf.trainers.dpo import DPOConfig, train_dpo  # noqa: E402
+
+JUDGES_JSON = ROOT / "experiments" / "judges.json"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def train_judge(args, lr: float, epochs: float, seed: int, out: Path) -> Path:
+    final = out / "final"
+    if not (final / "config.json").exists():  # a finished judge is reused (delete the directory to retrain)
+        train = TrainConfig(epochs=epochs, lr=lr, batch_size=32, per_device_batch_size=32, warmup_steps=10,
+                            seed=seed, progress=args.progress, report_to="none", overwrite=True)  # fmt: skip
+        train_dpo(DPOConfig(model=args.sft, train_file=str(Path(args.world) / "preferences_train.jsonl"),
+                            out=str(out), beta=args.beta, train=train))  # fmt: skip
+    return final
+
+
+@torch.no_grad()
+def pair_accuracy(judge: Path, sft: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy of the summed implicit reward on held-out pairs, against the human labels and gold, by pair type."""
+    tokenizer = load_tokenizer(judge)
+    encoded = encode_preferences(pairs, tokenizer)
+    source = DPOImplicitRewardSource(judge, sft, device="cpu")
+    prompts = [{"prompt_ids": e["prompt_ids"]} for e in encoded]
+
+    def total(side: str) -> torch.Tensor:
+        rewards, mask = source(prompts, [e[side] for e in encoded], [""] * len(encoded), tokenizer)
+        return (rewards * mask).sum(-1)
+
+    outcomes = pairwise_accuracy(total("chosen_ids"), total("rejected_ids"), reduction="none").tolist()
+    human: dict[str, list[float]] = {t: [] for t in PAIR_TYPES}
+    gold: dict[str, list[float]] = {t: [] for t in PAIR_TYPES}
+    for p, outcome in zip(pairs, outcomes):
+        kind = pair_type(p["chosen"], p["rejected"])
+        human[kind].append(outcome)
+        if p["gold_chosen"] != p["gold_rejected"]:
+            gold[kind].append(outcome if p["gold_chosen"] > p["gold_rejected"] else 1.0 - outcome)
+    every_h = [x for xs in human.values() for x in xs]
+    every_g = [x for xs in gold.values() for x in xs]
+    return {
+        "accuracy_human": statistics.mean(every_h),
+        "accuracy_gold": statistics.mean(every_g),
+        "by_type": {
+            t: {"human": statistics.mean(human[t]), "gold": statistics.mean(gold[t]), "pairs": len(human[t])}
+            for t in PAIR_TYPES
+        },  # fmt: skip
+    }
+
+
+def increments(judge: Path, args) -> dict[str, float]:
+    quality = run_segment_quality(SegmentQualityConfig(
+        world=args.world, model=args.sft, credit=CreditConfig(granularity="segment", token_reward=f"dpo:{judge}:{args.sft}"),
+        granularities=["segment"]))["by_granularity"]["segment"]  # fmt: skip
+    return {"precision": quality["precision"], "recall": quality["recall"]}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    g = result["gold_ceiling"]
+    lines = [
+        "| judge | seeds | vs human | vs gold | value: human / gold | length: human / gold | both: human / gold "
+        "| segment precision / recall |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| gold scorer | – | {g['accuracy_human']:.3f} | 1 | "
+        + " | ".join(f"{g['by_type'][t]:.3f} / 1" for t in PAIR_TYPES) + " | 1 / 1 |",
+    ]  # fmt: skip
+    for name, s in result["settings"].items():
+        m = s["mean"]
+        lines.append(f"| implicit RM, {name} | {len(s['runs'])} | {m['accuracy_human']:.3f} | {m['accuracy_gold']:.3f} | "
+                     + " | ".join(f"{m['by_type'][t]['human']:.3f} / {m['by_type'][t]['gold']:.3f}" for t in PAIR_TYPES)
+                     + f" | {m['precision']:.3f} / {m['recall']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def mean_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    avg = lambda key: statistics.mean(r[key] for r in runs)  # noqa: E731
+    return {
+        "accuracy_human": avg("accuracy_human"),
+        "accuracy_gold": avg("accuracy_gold"),
+        "precision": avg("precision"),
+        "recall": avg("recall"),
+        "by_type": {
+            t: {k: statistics.mean(r["by_type"][t][k] for r in runs) for k in ("human", "gold")} for t in PAIR_TYPES
+        },  # fmt: skip
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", required=True, help="FactWorld directory (preferences_train / _test.jsonl, kb.json)")
+    p.add_argument("--sft", required=True, help="the judge's starting point and reference (the SFT policy)")
+    p.add_argument("--out", required=True, help="run directory (judges and results.json)")
+    p.add_argument("--settings", nargs="+", default=["1e-4:2", "3e-4:2", "1e-4:4"],
+                   help="LR:EPOCHS of each judge; the first is the headline written to experiments/judges.json")  # fmt: skip
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (DPO's default)")
+    p.add_argument("--limit", type=int, default=0, help="held-out pairs to score (0: all 915)")
+    p.add_argument("--no-json", action="store_true", help="do not update experiments/judges.json")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    out = Path(args.out)
+    pairs = read_jsonl(Path(args.world) / "preferences_test.jsonl")
+    pairs = pairs[: args.limit] if args.limit else pairs
+    result: dict[str, Any] = {"args": vars(args), "gold_ceiling": gold_ceiling(pairs), "settings": {}}
+    t0 = time.perf_counter()
+    for setting in args.settings:
+        lr, epochs = (float(x) for x in setting.split(":"))
+        name = f"lr {lr:g}, {epochs:g} epochs"
+        runs = []
+        for seed in args.seeds:
+            judge = train_judge(args, lr, epochs, seed, out / f"lr{lr:g}_e{epochs:g}_seed{seed}")
+            runs.append({"seed": seed, **pair_accuracy(judge, args.sft, pairs), **increments(judge, args)})
+        result["settings"][name] = {"runs": runs, "mean": mean_of(runs)}
+    result["minutes"] = (time.perf_counter() - t0) / 60
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    if not args.no_json:
+        head = next(iter(result["settings"].values()))["mean"]
+        command = "python experiments/judges/implicit_rm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        judges = json.loads(JUDGES_JSON.read_text()) if JUDGES_JSON.exists() else {"commands": {}}
+        for key, value in (("rm_accuracy_human_heldout", head["accuracy_human"]),
+                           ("rm_accuracy_gold_heldout", head["accuracy_gold"]),
+                           ("increment_precision", head["precision"]), ("increment_recall", head["recall"])):  # fmt: skip
+            judges[key] = round(value, 4)
+            judges["commands"][key] = command
+        JUDGES_JSON.write_text(json.dumps(judges, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
