@@ -115,6 +115,25 @@ def factworld_base(root: str | Path, seed: int = 0, progress: bool = True) -> di
     return paths
 
 
+IMPLICIT_RM_LR, IMPLICIT_RM_EPOCHS = 1e-4, 2.0
+"""The likelihood-ratio reward model's recipe (`experiments/judges/implicit_rm.py`, its first setting)."""
+
+
+def factworld_implicit_rm(base: dict[str, Path], seed: int = 0, progress: bool = False) -> Path:
+    """The base's likelihood-ratio reward model r = β·log π/π_sft (a BT model trained by `rlxf dpo` from the SFT
+    policy on the world's own simulated-human training pairs; read as `dpo:DIR:SFT`). Built once under the base."""
+    from rlxf.trainers.dpo import DPOConfig, train_dpo
+
+    root = base["world"].parent / "implicit_rm"
+    if not (root / "final" / "config.json").exists():
+        logger.info("base: likelihood-ratio reward model")
+        train = TrainConfig(epochs=IMPLICIT_RM_EPOCHS, lr=IMPLICIT_RM_LR, batch_size=32, per_device_batch_size=32,
+                            warmup_steps=10, seed=seed, progress=progress, report_to="none", overwrite=True)  # fmt: skip
+        train_dpo(DPOConfig(model=str(base["sft"]), train_file=str(base["world"] / "preferences_train.jsonl"),
+                            out=str(root), train=train))  # fmt: skip
+    return root / "final"
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 

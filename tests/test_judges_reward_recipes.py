@@ -74,3 +74,21 @@ def test_implicit_rm_runs_and_writes_the_headline(factworld_dir, factworld_sft_d
     assert written["rm_accuracy_human_heldout"] == pytest.approx(run["accuracy_human"], abs=1e-4)
     assert written["commands"]["increment_recall"].startswith("python experiments/judges/implicit_rm.py --world")
     assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_the_shared_base_builds_its_likelihood_ratio_rm_once(factworld_dir, factworld_sft_dir, tmp_path):
+    import shutil
+    import sys
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from experiments.common import factworld_implicit_rm
+    from rlxf.rewards.sources import build_reward_source
+
+    shutil.copytree(factworld_dir, tmp_path / "world")
+    base = {"world": tmp_path / "world", "sft": factworld_sft_dir}
+    judge = factworld_implicit_rm(base)
+    assert judge == tmp_path / "implicit_rm" / "final" and (judge / "config.json").exists()
+    stamp = (judge / "model.safetensors").stat().st_mtime_ns
+    assert factworld_implicit_rm(base) == judge and (judge / "model.safetensors").stat().st_mtime_ns == stamp
+    build_reward_source(f"dpo:{judge}:{factworld_sft_dir}", device="cpu")  # the spec token_rewards uses

@@ -1,13 +1,15 @@
 """PPO on FactWorld with sequence-level vs token-level gold rewards vs a trained Bradley–Terry reward model.
 
-    .venv/bin/python experiments/token_rewards/run.py            # ~15 minutes on 2 CPU cores (3 rewards × 3 seeds)
+    .venv/bin/python experiments/token_rewards/run.py            # ~20 minutes on 2 CPU cores (4 rewards × 3 seeds)
 
 1. The shared FactWorld base (`experiments/common.py`: world, tiny Llama, SFT, simulated-human pairs, BT reward
    model; built once, reused).
-2. PPO from the SFT policy, the same settings for every run, with three rewards:
+2. PPO from the SFT policy, the same settings for every run, with four rewards:
    (a) `factworld:W` the gold score of the whole response, on its last token;
    (b) `factworld:W:token` the gold signs of each fact value, on the token that ends the value's span;
-   (c) `rm:RM` the BT reward model trained on the simulated human's labels (the RLHF case).
+   (c) `rm:RM` the BT reward model trained on the simulated human's labels (the RLHF case);
+   (d) `dpo:IMPLICIT_RM:SFT` the likelihood-ratio reward model r = β·log π/π_sft, a BT model trained (by `rlxf
+       dpo`) on the world's simulated-human training pairs (`experiments/common.py`, `experiments/judges/`).
    Three seeds each (seed = sampling + data order; same SFT start).
 3. Gold score of the training rollouts vs rollouts seen (the plot), and a held-out evaluation of every final policy
    against SFT (`rlxf eval`): gold win rate, gold score, hallucination rate, retain accuracy, KL.
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base, mean_sd  # noqa: E402
+from experiments.common import factworld_base, factworld_implicit_rm, mean_sd  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.evaluation import EvalConfig, run_eval  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402
@@ -59,6 +61,7 @@ REWARDS = {
     "gold, sequence": "factworld:{world}",
     "gold, token": "factworld:{world}:token",
     "BT reward model": "rm:{rm}",
+    "likelihood-ratio RM": "dpo:{implicit_rm}:{sft}",
 }
 
 
@@ -66,7 +69,7 @@ def ppo_run(args, base: dict[str, Path], name: str, spec: str, seed: int, out: P
     cfg = PPOConfig(
         model=str(base["sft"]),
         prompts_file=str(base["world"] / "prompts_train.jsonl"),
-        reward=spec.format(world=base["world"], rm=base["rm"]),
+        reward=spec.format(**base),
         out=str(out),
         gold_world=str(base["world"]),  # logged only: the RM run never sees the gold score
         shared_value_head=True,
@@ -123,6 +126,7 @@ def main() -> None:
     out = Path(args.out)
     t0 = time.perf_counter()
     base = factworld_base(args.base, seed=0, progress=args.progress)
+    base["implicit_rm"] = factworld_implicit_rm(base, progress=args.progress)
     base_seconds = time.perf_counter() - t0
 
     runs: dict[str, dict[int, dict]] = {}
