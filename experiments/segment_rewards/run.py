@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base, mean_sd  # noqa: E402
+from experiments.common import factworld_base, factworld_implicit_rm, mean_sd  # noqa: E402
 from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality  # noqa: E402
 from rlxf.credit.segments import CreditConfig  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
@@ -49,7 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default="runs/experiments/segment_rewards", help="run directory (never committed)")
     p.add_argument("--base", default="runs/experiments/base", help="shared FactWorld base (built if missing)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every optimiser")
-    p.add_argument("--token-reward", choices=["rm", "gold"], default="rm", help="token rewards that are segmented")
+    p.add_argument("--token-reward", choices=["rm", "implicit", "gold"], default="rm",
+                   help="token rewards that are segmented: BT increments, the likelihood-ratio RM, gold signs")  # fmt: skip
     p.add_argument("--ppo-steps", type=int, default=15, help="PPO rollouts of 32 prompts × 2")
     p.add_argument("--rs-steps", type=int, default=15, help="rejection-sampling steps of 32 prompts × 4 samples")
     p.add_argument("--dpo-epochs", type=float, default=2.0, help="DPO passes over the pairs")
@@ -76,7 +77,11 @@ def train_config(args, seed: int, **kw) -> TrainConfig:
 
 
 def run_one(args, base: dict[str, Path], optimiser: str, granularity: str, seed: int, out: Path) -> dict:
-    token_reward = f"rm:{base['rm']}:token" if args.token_reward == "rm" else f"factworld:{base['world']}:token"
+    token_reward = {
+        "rm": f"rm:{base['rm']}:token",
+        "implicit": f"dpo:{base.get('implicit_rm')}:{base['sft']}",
+        "gold": f"factworld:{base['world']}:token",
+    }[args.token_reward]
     credit = CreditConfig(granularity=granularity, token_reward="" if granularity == "sequence" else token_reward)
     generation = GenerationSettings(max_new_tokens=48, temperature=1.0, batch_size=64)
     gold = f"factworld:{base['world']}"
@@ -179,6 +184,8 @@ def main() -> None:
     out = Path(args.out) / args.token_reward
     t0 = time.perf_counter()
     base = factworld_base(args.base, seed=0, progress=args.progress)
+    if args.token_reward == "implicit":
+        base["implicit_rm"] = factworld_implicit_rm(base, progress=args.progress)
 
     runs: dict[str, dict] = {}
     for optimiser in OPTIMISERS:
@@ -205,6 +212,8 @@ def main() -> None:
     quality = {}
     sources = {"BT increments (rm:token)": f"rm:{base['rm']}:token", "gold (factworld:token)": None}
     sources["gold (factworld:token)"] = f"factworld:{base['world']}:token"
+    if "implicit_rm" in base:
+        sources["likelihood-ratio RM (dpo:IMPLICIT_RM)"] = f"dpo:{base['implicit_rm']}:{base['sft']}"
     dpo_dir = out / slug("DPO", "sequence", args.seeds[0])
     sources["DPO implicit (dpo:DIR)"] = f"dpo:{dpo_dir / 'final'}:{base['sft']}"
     for label, spec in sources.items():
