@@ -189,6 +189,13 @@ def test_online_trainers_with_lora_change_only_adapters(factworld_sft_dir, rl_pr
     assert (tmp_path / "final" / "adapter_config.json").is_file()
     if trainer == "ppo":  # the critic is a reward model with its own adapters and head
         assert (tmp_path / "final" / "value_model" / "adapter_config.json").is_file()
+        assert history["loss/value"][-1] < history["loss/value"][0]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "final")
+    batch = _ids(tok, ["the cat is", "a pear and"])
+    policy.eval()
+    with torch.no_grad():  # the saved adapters reload into the policy that was trained
+        torch.testing.assert_close(load_model(tmp_path / "final").eval()(**batch).logits, policy(**batch).logits,
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
 
 
 def test_resume_with_adapters_is_exact(factworld_model_dir, factworld_dir, tmp_path):
