@@ -84,9 +84,10 @@ def load_model(
     mistakes of a model directory reported in one line naming it: missing, a file, no or broken config.json,
     truncated weights. With `tokenizer`, also checks that every token id has an embedding row."""
     p = _check_model_dir(path, what)
-    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+    from rlxf.models.lora import adapter_base, is_adapter_dir, merge_adapters
+
+    if is_adapter_dir(p):
         # LoRA adapters (a trainer's final/ with lora.r > 0): the model they were trained on, with them merged in
-        from rlxf.models.lora import adapter_base, merge_adapters
 
         base = load_model(adapter_base(p), loader, f"base model of the adapters in {p}", tokenizer, **kwargs)
         return merge_adapters(base, p)

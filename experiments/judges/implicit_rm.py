@@ -40,7 +40,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from experiments.judges.knowledge import PAIR_TYPES, gold_ceiling, pair_type  # noqa: E402
+from experiments.common import read_jsonl  # noqa: E402
+from experiments.judges.knowledge import PAIR_TYPES, accuracy_by_type, gold_ceiling  # noqa: E402
 from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality  # noqa: E402
 from rlxf.credit.segments import CreditConfig  # noqa: E402
 from rlxf.data.tokenize import encode_preferences  # noqa: E402
@@ -51,10 +52,6 @@ from rlxf.rewards.sources import DPOImplicitRewardSource  # noqa: E402
 from rlxf.trainers.dpo import DPOConfig, train_dpo  # noqa: E402
 
 JUDGES_JSON = ROOT / "experiments" / "judges.json"
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def train_judge(args, lr: float, epochs: float, seed: int, out: Path) -> Path:
@@ -80,23 +77,7 @@ def pair_accuracy(judge: Path, sft: str, pairs: list[dict[str, Any]]) -> dict[st
         return (rewards * mask).sum(-1)
 
     outcomes = pairwise_accuracy(total("chosen_ids"), total("rejected_ids"), reduction="none").tolist()
-    human: dict[str, list[float]] = {t: [] for t in PAIR_TYPES}
-    gold: dict[str, list[float]] = {t: [] for t in PAIR_TYPES}
-    for p, outcome in zip(pairs, outcomes):
-        kind = pair_type(p["chosen"], p["rejected"])
-        human[kind].append(outcome)
-        if p["gold_chosen"] != p["gold_rejected"]:
-            gold[kind].append(outcome if p["gold_chosen"] > p["gold_rejected"] else 1.0 - outcome)
-    every_h = [x for xs in human.values() for x in xs]
-    every_g = [x for xs in gold.values() for x in xs]
-    return {
-        "accuracy_human": statistics.mean(every_h),
-        "accuracy_gold": statistics.mean(every_g),
-        "by_type": {
-            t: {"human": statistics.mean(human[t]), "gold": statistics.mean(gold[t]), "pairs": len(human[t])}
-            for t in PAIR_TYPES
-        },  # fmt: skip
-    }
+    return accuracy_by_type(pairs, outcomes)
 
 
 def increments(judge: Path, args) -> dict[str, float]:
@@ -118,7 +99,7 @@ def markdown(result: dict[str, Any]) -> str:
     for name, s in result["settings"].items():
         m = s["mean"]
         lines.append(f"| implicit RM, {name} | {len(s['runs'])} | {m['accuracy_human']:.3f} | {m['accuracy_gold']:.3f} | "
-                     + " | ".join(f"{m['by_type'][t]['human']:.3f} / {m['by_type'][t]['gold']:.3f}" for t in PAIR_TYPES)
+                     + " | ".join(f"{m['by_type'][t]['accuracy_human']:.3f} / {m['by_type'][t]['accuracy_gold']:.3f}" for t in PAIR_TYPES)
                      + f" | {m['precision']:.3f} / {m['recall']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -131,7 +112,8 @@ def mean_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "precision": avg("precision"),
         "recall": avg("recall"),
         "by_type": {
-            t: {k: statistics.mean(r["by_type"][t][k] for r in runs) for k in ("human", "gold")} for t in PAIR_TYPES
+            t: {k: statistics.mean(r["by_type"][t][k] for r in runs) for k in ("accuracy_human", "accuracy_gold")}
+            for t in PAIR_TYPES
         },  # fmt: skip
     }
 

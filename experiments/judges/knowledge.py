@@ -104,6 +104,12 @@ def rm_knowledge(rm_dir: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     rejected = scorer.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
     outcomes = pairwise_accuracy(torch.tensor(chosen), torch.tensor(rejected), reduction="none").tolist()
+    return {"model": rm_dir, "pairs": len(pairs), **accuracy_by_type(pairs, outcomes)}
+
+
+def accuracy_by_type(pairs: list[dict[str, Any]], outcomes: list[float]) -> dict[str, Any]:
+    """A judge's per-pair outcomes (1 right, 0 wrong, ½ tie, as `pairwise_accuracy`) as accuracy against the human
+    labels and against gold (pairs with equal gold scores left out), overall and by pair type."""
     human: dict[str, list[float]] = defaultdict(list)
     gold: dict[str, list[float]] = defaultdict(list)
     for p, outcome in zip(pairs, outcomes):
@@ -114,8 +120,6 @@ def rm_knowledge(rm_dir: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     every_h = [x for xs in human.values() for x in xs]
     every_g = [x for xs in gold.values() for x in xs]
     return {
-        "model": rm_dir,
-        "pairs": len(pairs),
         "accuracy_human": _mean(every_h),
         "accuracy_gold": _mean(every_g),
         "gold_pairs": len(every_g),

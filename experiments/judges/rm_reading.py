@@ -32,17 +32,14 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from experiments.judges.knowledge import PAIR_TYPES, gold_ceiling, pair_type  # noqa: E402
+from experiments.common import read_jsonl  # noqa: E402
+from experiments.judges.knowledge import PAIR_TYPES, accuracy_by_type, gold_ceiling  # noqa: E402
 from rlxf.data.tokenize import encode_preferences, pad  # noqa: E402
 from rlxf.hf import load_model, load_tokenizer  # noqa: E402
 from rlxf.losses import bradley_terry_losses, pairwise_accuracy  # noqa: E402
 from rlxf.models.reward_model import RewardModel  # noqa: E402
 
 READINGS = ("last", "sum", "mean")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -101,22 +98,7 @@ def evaluate(model: RewardModel, reading: str, rows, raw, pad_id: int) -> dict[s
         batch = collate(rows[i : i + 64], pad_id)
         chosen, rejected = read(model(batch["input_ids"], batch["attention_mask"]), batch, reading).chunk(2)
         outcomes += pairwise_accuracy(chosen, rejected, reduction="none").tolist()
-    human: dict[str, list[float]] = {t: [] for t in PAIR_TYPES}
-    gold: dict[str, list[float]] = {t: [] for t in PAIR_TYPES}
-    for p, outcome in zip(raw, outcomes):
-        kind = pair_type(p["chosen"], p["rejected"])
-        human[kind].append(outcome)
-        if p["gold_chosen"] != p["gold_rejected"]:
-            gold[kind].append(outcome if p["gold_chosen"] > p["gold_rejected"] else 1.0 - outcome)
-
-    def mean(xs):
-        return sum(xs) / len(xs) if xs else None
-
-    return {
-        "accuracy_human": mean([x for xs in human.values() for x in xs]),
-        "accuracy_gold": mean([x for xs in gold.values() for x in xs]),
-        "by_type": {t: {"human": mean(human[t]), "gold": mean(gold[t]), "pairs": len(human[t])} for t in PAIR_TYPES},
-    }
+    return accuracy_by_type(raw, outcomes)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -133,7 +115,7 @@ def markdown(result: dict[str, Any]) -> str:
     for reading, r in result["readings"].items():
         by = r["by_type"]
         lines.append(f"| {reading} | {f(r['accuracy_human'])} | {f(r['accuracy_gold'])} | "
-                     + " | ".join(f"{f(by[t]['human'])} / {f(by[t]['gold'])}" for t in PAIR_TYPES)
+                     + " | ".join(f"{f(by[t]['accuracy_human'])} / {f(by[t]['accuracy_gold'])}" for t in PAIR_TYPES)
                      + f" | {r['minutes']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
