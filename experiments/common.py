@@ -134,6 +134,34 @@ def factworld_implicit_rm(base: dict[str, Path], seed: int = 0, progress: bool =
     return root / "final"
 
 
+SEQ2SEQ_RM_LR, SEQ2SEQ_RM_EPOCHS = IMPLICIT_RM_LR, IMPLICIT_RM_EPOCHS
+"""The seq2seq reward model's recipe: the likelihood-ratio RM's, fixed before any seq2seq number was seen."""
+
+
+def seq2seq_rm_config(world: str | Path, sft: str | Path, out: str | Path, lr: float, epochs: float, seed: int = 0,
+                      progress: bool = False):  # fmt: skip
+    """`rlxf seq2seq-rm` from the SFT policy on the world's own simulated-human training pairs (their `label_prob`
+    orients each pair; never the gold score), batch 32, no held-out split (the test pairs stay unseen)."""
+    from rlxf.trainers.seq2seq_rm import Seq2SeqRMConfig
+
+    train = TrainConfig(epochs=epochs, lr=lr, batch_size=32, per_device_batch_size=32, warmup_steps=10, seed=seed,
+                        progress=progress, report_to="none", overwrite=True)  # fmt: skip
+    return Seq2SeqRMConfig(model=str(sft), train_file=str(Path(world) / "preferences_train.jsonl"), out=str(out),
+                           early_stop_patience=0, train=train)  # fmt: skip
+
+
+def factworld_seq2seq_rm(base: dict[str, Path], seed: int = 0, progress: bool = False) -> Path:
+    """The base's seq2seq reward model (arXiv 2409.00162; read as `seq2seq:DIR`). Built once under the base."""
+    from rlxf.trainers.seq2seq_rm import train_seq2seq_rm
+
+    root = base["world"].parent / "seq2seq_rm"
+    if not (root / "final" / "config.json").exists():
+        logger.info("base: seq2seq reward model")
+        train_seq2seq_rm(seq2seq_rm_config(base["world"], base["sft"], root, SEQ2SEQ_RM_LR, SEQ2SEQ_RM_EPOCHS, seed,
+                                           progress))  # fmt: skip
+    return root / "final"
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 

@@ -1,5 +1,6 @@
-"""experiments/judges/rm_reading.py (where a scalar reward head is read) and implicit_rm.py (the likelihood-ratio
-reward model): their math by hand, and small runs on the small FactWorld."""
+"""experiments/judges/rm_reading.py (where a scalar reward head is read), implicit_rm.py (the likelihood-ratio
+reward model) and seq2seq_judge.py (the seq2seq reward model as a judge): their math by hand, and small runs on the
+small FactWorld."""
 
 from __future__ import annotations
 
@@ -92,3 +93,40 @@ def test_the_shared_base_builds_its_likelihood_ratio_rm_once(factworld_dir, fact
     stamp = (judge / "model.safetensors").stat().st_mtime_ns
     assert factworld_implicit_rm(base) == judge and (judge / "model.safetensors").stat().st_mtime_ns == stamp
     build_reward_source(f"dpo:{judge}:{factworld_sft_dir}", device="cpu")  # the spec token_rewards uses
+
+
+seq2seq_judge = _load("seq2seq_judge")
+
+
+def test_seq2seq_judge_runs_on_a_small_world(factworld_dir, factworld_sft_dir, tmp_path):
+    argv = ["--world", str(factworld_dir), "--sft", str(factworld_sft_dir), "--out", str(tmp_path / "run"),
+            "--settings", "1e-3:1", "--limit", "40"]  # fmt: skip
+    result = seq2seq_judge.main(argv)
+    run = result["settings"]["lr 0.001, 1 epochs"]["runs"][0]
+    for variant in seq2seq_judge.VARIANTS:
+        for key in ("accuracy_human", "accuracy_gold"):
+            assert 0.0 <= run[variant][key] <= 1.0
+        assert sum(t["pairs"] for t in run[variant]["by_type"].values()) == 40
+    assert 0.0 <= run["precision"] <= 1.0 and 0.0 <= run["recall"] <= 1.0
+    sanity = run["sanity"]
+    assert sanity["flag_rate_gap"] == pytest.approx(sanity["flag_rate_rejected"] - sanity["flag_rate_chosen"])
+    assert "variant soft" in seq2seq_judge.markdown(result)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["settings"]
+
+
+def test_the_shared_base_builds_its_seq2seq_rm_once(factworld_dir, factworld_sft_dir, tmp_path):
+    import shutil
+    import sys
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from experiments.common import factworld_seq2seq_rm
+    from rlxf.rewards.sources import build_reward_source
+
+    shutil.copytree(factworld_dir, tmp_path / "world")
+    base = {"world": tmp_path / "world", "sft": factworld_sft_dir}
+    judge = factworld_seq2seq_rm(base)
+    assert judge == tmp_path / "seq2seq_rm" / "final" and (judge / "config.json").exists()
+    stamp = (judge / "model.safetensors").stat().st_mtime_ns
+    assert factworld_seq2seq_rm(base) == judge and (judge / "model.safetensors").stat().st_mtime_ns == stamp
+    build_reward_source(f"seq2seq:{judge}", device="cpu")  # the spec token_rewards uses

@@ -1,6 +1,6 @@
 """PPO on FactWorld with sequence-level vs token-level gold rewards vs a trained Bradley–Terry reward model.
 
-    .venv/bin/python experiments/token_rewards/run.py            # ~20 minutes on 2 CPU cores (4 rewards × 3 seeds)
+    .venv/bin/python experiments/token_rewards/run.py            # ~20 minutes on 2 CPU cores (5 rewards × 3 seeds)
 
 1. The shared FactWorld base (`experiments/common.py`: world, tiny Llama, SFT, simulated-human pairs, BT reward
    model; built once, reused).
@@ -9,10 +9,14 @@
    (b) `factworld:W:token` the gold signs of each fact value, on the token that ends the value's span;
    (c) `rm:RM` the BT reward model trained on the simulated human's labels (the RLHF case);
    (d) `dpo:IMPLICIT_RM:SFT` the likelihood-ratio reward model r = β·log π/π_sft, a BT model trained (by `rlxf
-       dpo`) on the world's simulated-human training pairs (`experiments/common.py`, `experiments/judges/`).
+       dpo`) on the world's simulated-human training pairs (`experiments/common.py`, `experiments/judges/`);
+   (e) `seq2seq:SEQ2SEQ_RM` the seq2seq reward model (arXiv 2409.00162), trained by `rlxf seq2seq-rm` on the same
+       pairs: +α on tokens it would have written, −β where it would have written something else.
    Three seeds each (seed = sampling + data order; same SFT start).
 3. Gold score of the training rollouts vs rollouts seen (the plot), and a held-out evaluation of every final policy
-   against SFT (`rlxf eval`): gold win rate, gold score, hallucination rate, retain accuracy, KL.
+   against SFT (`rlxf eval`): gold win rate, gold score, hallucination rate, retain accuracy, KL. Head to head
+   (`HEAD_TO_HEAD`): every policy answered the same held-out prompts with the same sampling seed, so two rewards'
+   policies of one seed are compared answer by answer on gold score (ties ½).
 4. figures/gold_vs_rollouts.png, results.json, and the results block of README.md (between its markers).
 
 The expectation to test (issue 5): dense (token) rewards learn faster than sequence rewards, and the RM-driven run
@@ -30,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base, factworld_implicit_rm, mean_sd  # noqa: E402
+from experiments.common import factworld_base, factworld_implicit_rm, factworld_seq2seq_rm, mean_sd, read_jsonl  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.evaluation import EvalConfig, run_eval  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402
@@ -40,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("token_rewards")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/experiments/token_rewards", help="run directory (never committed)")
     p.add_argument("--base", default="runs/experiments/base", help="shared FactWorld base (built if missing)")
@@ -52,9 +56,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--value-lr", type=float, default=1e-3, help="critic learning rate")
     p.add_argument("--kl-coef", type=float, default=0.05, help="β of the per-token KL penalty")
     p.add_argument("--eval-samples", type=int, default=2, help="held-out responses per prompt and policy")
-    p.add_argument("--no-readme", action="store_true", help="do not rewrite the results block of README.md")
+    p.add_argument(
+        "--no-readme",
+        action="store_true",
+        help="do not rewrite README.md's results block or figures/ (the plot goes to --out)",
+    )
     p.add_argument("--progress", action="store_true", help="progress bars")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 REWARDS = {
@@ -62,7 +70,14 @@ REWARDS = {
     "gold, token": "factworld:{world}:token",
     "BT reward model": "rm:{rm}",
     "likelihood-ratio RM": "dpo:{implicit_rm}:{sft}",
+    "seq2seq RM": "seq2seq:{seq2seq_rm}",
 }
+HEAD_TO_HEAD = [
+    ("seq2seq RM", "BT reward model"),
+    ("seq2seq RM", "likelihood-ratio RM"),
+    ("seq2seq RM", "gold, token"),
+]
+"""Pairs of rewards compared directly: the first's policy against the second's, same seed, on gold score."""
 
 
 def ppo_run(args, base: dict[str, Path], name: str, spec: str, seed: int, out: Path) -> dict:
@@ -80,7 +95,7 @@ def ppo_run(args, base: dict[str, Path], name: str, spec: str, seed: int, out: P
         train=TrainConfig(
             lr=args.lr,
             batch_size=args.prompts_per_step,
-            per_device_batch_size=16,
+            per_device_batch_size=min(16, args.prompts_per_step),
             max_steps=args.steps,
             lr_schedule="constant",
             seed=seed,
@@ -96,6 +111,22 @@ def ppo_run(args, base: dict[str, Path], name: str, spec: str, seed: int, out: P
     record = {"history": result["history"], "seconds": time.perf_counter() - start}
     done.write_text(json.dumps(record))
     return record
+
+
+def file_name(name: str) -> str:
+    """The evaluation's name of policy `REWARD|SEED` (its responses are in `eval/responses_<name>.jsonl`)."""
+    return name.replace("|", "-s").replace(", ", "-").replace(" ", "_")
+
+
+def head_to_head(eval_dir: Path, a: str, b: str, seeds: list[int]) -> tuple[float, float]:
+    """Gold win rate of reward a's policy over reward b's, answer by answer on the same held-out prompts and sampling
+    seed (ties ½); mean ± sd over seeds."""
+    rates = []
+    for seed in seeds:
+        ga = [r["gold"] for r in read_jsonl(eval_dir / f"responses_{file_name(f'{a}|{seed}')}.jsonl")]
+        gb = [r["gold"] for r in read_jsonl(eval_dir / f"responses_{file_name(f'{b}|{seed}')}.jsonl")]
+        rates.append(sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(ga, gb)) / len(ga))
+    return mean_sd(rates)
 
 
 def plot(curves: dict[str, list[list[float]]], rollouts_per_step: int, path: Path) -> None:
@@ -118,8 +149,8 @@ def plot(curves: dict[str, list[list[float]]], rollouts_per_step: int, path: Pat
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("rlxf", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -127,6 +158,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base = factworld_base(args.base, seed=0, progress=args.progress)
     base["implicit_rm"] = factworld_implicit_rm(base, progress=args.progress)
+    base["seq2seq_rm"] = factworld_seq2seq_rm(base, progress=args.progress)
     base_seconds = time.perf_counter() - t0
 
     runs: dict[str, dict[int, dict]] = {}
@@ -152,7 +184,7 @@ def main() -> None:
     summary = run_eval(
         EvalConfig(
             policies=policies,
-            names=[n.replace("|", "-s").replace(", ", "-").replace(" ", "_") for n in names],
+            names=[file_name(n) for n in names],
             world=str(base["world"]),
             out=str(out / "eval"),
             samples_per_prompt=args.eval_samples,
@@ -165,8 +197,9 @@ def main() -> None:
 
     rollouts_per_step = args.prompts_per_step * args.k
     curves = {name: [runs[name][s]["history"]["rewards/gold"] for s in args.seeds] for name in REWARDS}
-    (HERE / "figures").mkdir(exist_ok=True)
-    plot(curves, rollouts_per_step, HERE / "figures" / "gold_vs_rollouts.png")
+    figures = out if args.no_readme else HERE / "figures"  # a trial run leaves the committed figure alone
+    figures.mkdir(parents=True, exist_ok=True)
+    plot(curves, rollouts_per_step, figures / "gold_vs_rollouts.png")
 
     table = {}
     for name in REWARDS:
@@ -184,8 +217,10 @@ def main() -> None:
             "seconds per run": mean_sd([runs[name][s]["seconds"] for s in args.seeds]),
         }
     sft = evals["sft"]
+    duels = {f"{a} vs {b}": head_to_head(out / "eval", a, b, args.seeds) for a, b in HEAD_TO_HEAD}
     results = {
         "table": table,
+        "head_to_head": duels,
         "sft": sft,
         "per_run": {f"{n}|{s}": evals[f"{n}|{s}"] for n in REWARDS for s in args.seeds},
         "settings": vars(args),
@@ -196,7 +231,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     compute = base_seconds + sum(r["seconds"] for per_seed in runs.values() for r in per_seed.values())
     results["compute_seconds"] = compute + eval_seconds
-    block = render(table, sft, args, results["compute_seconds"])
+    block = render(table, sft, duels, args, results["compute_seconds"])
     print(block)
     if not args.no_readme:
         readme = HERE / "README.md"
@@ -204,9 +239,10 @@ def main() -> None:
         head, _, rest = text.partition("<!-- results -->")
         _, _, tail = rest.partition("<!-- /results -->")
         readme.write_text(f"{head}<!-- results -->\n{block}\n<!-- /results -->{tail}")
+    return results
 
 
-def render(table: dict, sft: dict, args, seconds: float) -> str:
+def render(table: dict, sft: dict, duels: dict, args, seconds: float) -> str:
     cols = list(next(iter(table.values())))
     lines = ["| reward | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in table.items():
@@ -220,8 +256,10 @@ def render(table: dict, sft: dict, args, seconds: float) -> str:
         f"critic lr {args.value_lr}, β {args.kl_coef}; mean ± sd over seeds; held-out: 200 prompts × "
         f"{args.eval_samples} samples. Compute {seconds / 60:.1f} min (PPO runs + evaluation; base not counted when reused).\n\n"
         + "\n".join(lines)
-        + "\n\n"
-        "![gold vs rollouts](figures/gold_vs_rollouts.png)\n"
+        + "\n\nHead to head (same held-out prompts and sampling seed, gold score, ties ½; mean ± sd over seeds):\n\n"
+        + "| policy A vs policy B | gold win rate of A |\n|---|---|\n"
+        + "".join(f"| {pair} | {m:.3f} ± {sd:.3f} |\n" for pair, (m, sd) in duels.items())
+        + "\n![gold vs rollouts](figures/gold_vs_rollouts.png)\n"
     )
 
 

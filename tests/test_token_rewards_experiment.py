@@ -1,0 +1,66 @@
+"""experiments/token_rewards/run.py end to end on the small FactWorld: every reward's PPO run, the held-out
+evaluation, the head-to-head win rates (checked against the written responses by hand), and no committed file
+touched with --no-readme."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("token_rewards_run", ROOT / "experiments/token_rewards/run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def small_base(tmp_path, factworld_dir, factworld_model_dir, factworld_sft_dir, factworld_rm_dir):
+    """A finished shared base in the layout `experiments/common.factworld_base` reuses (its stages are skipped)."""
+    base = tmp_path / "base"
+    shutil.copytree(factworld_dir, base / "world")
+    shutil.copytree(factworld_model_dir, base / "tiny")
+    shutil.copytree(factworld_sft_dir, base / "sft" / "final")
+    shutil.copytree(factworld_rm_dir, base / "rm" / "final")
+    shutil.copy(factworld_dir / "preferences_train.jsonl", base / "pairs.jsonl")
+    return base
+
+
+def test_token_rewards_runs_every_reward_and_compares_head_to_head(small_base, tmp_path):
+    run = _load()
+    figure = ROOT / "experiments/token_rewards/figures/gold_vs_rollouts.png"
+    readme = (ROOT / "experiments/token_rewards/README.md").read_text()
+    stamp = figure.stat().st_mtime_ns if figure.exists() else None
+    out = tmp_path / "out"
+    results = run.main(["--base", str(small_base), "--out", str(out), "--seeds", "0", "--steps", "2",
+                        "--prompts-per-step", "4", "--eval-samples", "1", "--no-readme"])  # fmt: skip
+
+    assert set(results["table"]) == set(run.REWARDS)
+    for row in results["table"].values():
+        assert 0.0 <= row["held-out win rate vs SFT"][0] <= 1.0
+    assert (small_base / "seq2seq_rm" / "final" / "config.json").exists()
+    assert (out / "gold_vs_rollouts.png").exists() and (out / "results.json").exists()
+    assert (ROOT / "experiments/token_rewards/README.md").read_text() == readme
+    assert (figure.stat().st_mtime_ns if figure.exists() else None) == stamp
+
+    for a, b in run.HEAD_TO_HEAD:
+        ga = [json.loads(x)["gold"] for x in (out / "eval" / f"responses_{run.file_name(f'{a}|0')}.jsonl").open()]
+        gb = [json.loads(x)["gold"] for x in (out / "eval" / f"responses_{run.file_name(f'{b}|0')}.jsonl").open()]
+        wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(ga, gb)) / len(ga)
+        assert results["head_to_head"][f"{a} vs {b}"] == pytest.approx((wins, 0.0))
+
+
+def test_head_to_head_by_hand(tmp_path):
+    run = _load()
+    for name, golds in (("a|0", [1.0, 0.0, 0.5]), ("b|0", [0.0, 0.0, 1.0])):
+        lines = [json.dumps({"prompt": "p", "response": "r", "gold": g}) for g in golds]
+        (tmp_path / f"responses_{run.file_name(name)}.jsonl").write_text("\n".join(lines) + "\n")
+    assert run.head_to_head(tmp_path, "a", "b", [0]) == pytest.approx((0.5, 0.0))  # win, tie, loss
