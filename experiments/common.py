@@ -140,14 +140,18 @@ SEQ2SEQ_RM_LR, SEQ2SEQ_RM_EPOCHS = IMPLICIT_RM_LR, IMPLICIT_RM_EPOCHS
 
 def seq2seq_rm_config(world: str | Path, sft: str | Path, out: str | Path, lr: float, epochs: float, seed: int = 0,
                       progress: bool = False):  # fmt: skip
-    """`rlxf seq2seq-rm` from the SFT policy on the world's own simulated-human training pairs (their `label_prob`
-    orients each pair; never the gold score), batch 32, no held-out split (the test pairs stay unseen)."""
+    """`rlxf seq2seq-rm` from the SFT policy on the world's own simulated-human training pairs, batch 32, no held-out
+    split (the test pairs stay unseen).
+
+    The target is the human's sampled choice (`use_label_prob` off), as for the likelihood-ratio RM. A FactWorld
+    row's `label_prob` is the simulated human's P(chosen ≻ rejected) = σ(Δgold / T): orienting pairs by it (the
+    trainer's default for soft-labelled data) would hand the RM the gold order of every pair."""
     from rlxf.trainers.seq2seq_rm import Seq2SeqRMConfig
 
     train = TrainConfig(epochs=epochs, lr=lr, batch_size=32, per_device_batch_size=32, warmup_steps=10, seed=seed,
                         progress=progress, report_to="none", overwrite=True)  # fmt: skip
     return Seq2SeqRMConfig(model=str(sft), train_file=str(Path(world) / "preferences_train.jsonl"), out=str(out),
-                           early_stop_patience=0, train=train)  # fmt: skip
+                           use_label_prob=False, early_stop_patience=0, train=train)  # fmt: skip
 
 
 def factworld_seq2seq_rm(base: dict[str, Path], seed: int = 0, progress: bool = False) -> Path:
