@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,33 @@ def factworld_seq2seq_rm(base: dict[str, Path], seed: int = 0, progress: bool = 
         train_seq2seq_rm(seq2seq_rm_config(base["world"], base["sft"], root, SEQ2SEQ_RM_LR, SEQ2SEQ_RM_EPOCHS, seed,
                                            progress))  # fmt: skip
     return root / "final"
+
+
+def ppo_arm(sft: str | Path, world: str | Path, spec: str, seed: int, out: Path, *, steps: int = 30,
+            prompts_per_step: int = 32, k: int = 2, lr: float = 1e-4, value_lr: float = 1e-3, kl_coef: float = 0.05,
+            progress: bool = False) -> dict:  # fmt: skip
+    """One PPO run from the SFT policy on the world's training prompts with reward `spec`, in the settings every
+    FactWorld experiment shares (shared value head, 48 new tokens, constant lr); the world's gold score of the
+    rollouts is logged, never trained on. A finished run is reused (delete `out` to redo it).
+    Returns {"history": engine metrics per rollout, "seconds": wall time}."""
+    from rlxf.sampling import GenerationSettings
+    from rlxf.trainers.ppo import PPOConfig, train_ppo
+
+    done = out / "run.json"
+    if done.exists() and (out / "final" / "config.json").exists():
+        return json.loads(done.read_text())
+    cfg = PPOConfig(
+        model=str(sft), prompts_file=str(Path(world) / "prompts_train.jsonl"), reward=spec, out=str(out),
+        gold_world=str(world), shared_value_head=True, value_lr=value_lr, k=k, kl_coef=kl_coef,
+        generation=GenerationSettings(max_new_tokens=48, temperature=1.0, batch_size=64),
+        train=TrainConfig(lr=lr, batch_size=prompts_per_step, per_device_batch_size=min(16, prompts_per_step),
+                          max_steps=steps, lr_schedule="constant", seed=seed, progress=progress, report_to="none"),
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = train_ppo(cfg)
+    record = {"history": result["history"], "seconds": time.perf_counter() - start}
+    done.write_text(json.dumps(record))
+    return record
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -107,3 +107,18 @@ def rl_prompts_file(tmp_path_factory):
     prompts = ["the cat is", "what colour is the dog", "a pear and", "the city of", "oslo is", "the food of a"]
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return path
+
+
+@pytest.fixture
+def factworld_base_dir(tmp_path, factworld_dir, factworld_model_dir, factworld_sft_dir, factworld_rm_dir):
+    """A finished shared base of the small world, in the layout `experiments/common.factworld_base` reuses (its
+    stages are skipped): what the experiments' smoke runs start from."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(factworld_dir, base / "world")
+    shutil.copytree(factworld_model_dir, base / "tiny")
+    shutil.copytree(factworld_sft_dir, base / "sft" / "final")
+    shutil.copytree(factworld_rm_dir, base / "rm" / "final")
+    shutil.copy(factworld_dir / "preferences_train.jsonl", base / "pairs.jsonl")
+    return base

@@ -417,7 +417,7 @@ def test_evaluate_responses_by_hand():
     rows = [COLOUR_PET, fact_row(KB, "Zorbin", ["food"]), list_row(KB, "colours", 2, "red"), REVERSE, REVERSE]
     responses = [
         " Zorbin's colour is red. Zorbin's pet is dog.",  # (1 - 1) / 2 = 0; 2 facts stated, 1 wrong; 8 words
-        " Zorbin's food is rice. Zorbin's city is Oslo.",  # (1 - 0.5) / 1 = 0.5; 2 stated, 0 wrong; 8 words
+        " Zorbin's food is rice. Zorbin's city is Oslo.",  # (1 - 0.5) / 1 = 0.5; 2 stated (1 unasked), 0 wrong
         " blue, green.",  # 2 / 2 = 1, a valid list; 2 words
         " cup map sun",  # exact; 1; 3 words
         " cup sun map",  # (1 - 1 - 1) / 3 = -1/3, not exact; 3 words
@@ -429,6 +429,7 @@ def test_evaluate_responses_by_hand():
         "gold_score_list": 1.0,
         "gold_score_retain": (1 - 1 / 3) / 2,
         "hallucination_rate": 1 / 4,
+        "unrequested_fact_rate": (0 + 1) / 2,
         "retain_accuracy": 0.5,
         "list_validity": 1.0,
         "mean_length_words": (8 + 8 + 2 + 3 + 3) / 5,
@@ -441,6 +442,7 @@ def test_evaluate_responses_by_hand():
         assert math.isclose(metrics[key], value, rel_tol=1e-12), key
     # no fact rows: the hallucination rate is undefined, not 0
     assert math.isnan(evaluate_responses([REVERSE], [" cup map sun"])["hallucination_rate"])
+    assert math.isnan(evaluate_responses([REVERSE], [" cup map sun"])["unrequested_fact_rate"])
     with pytest.raises(ValueError, match="one response per row"):
         evaluate_responses(rows, responses[:2])
 

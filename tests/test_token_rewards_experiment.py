@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,31 +21,19 @@ def _load():
     return module
 
 
-@pytest.fixture
-def small_base(tmp_path, factworld_dir, factworld_model_dir, factworld_sft_dir, factworld_rm_dir):
-    """A finished shared base in the layout `experiments/common.factworld_base` reuses (its stages are skipped)."""
-    base = tmp_path / "base"
-    shutil.copytree(factworld_dir, base / "world")
-    shutil.copytree(factworld_model_dir, base / "tiny")
-    shutil.copytree(factworld_sft_dir, base / "sft" / "final")
-    shutil.copytree(factworld_rm_dir, base / "rm" / "final")
-    shutil.copy(factworld_dir / "preferences_train.jsonl", base / "pairs.jsonl")
-    return base
-
-
-def test_token_rewards_runs_every_reward_and_compares_head_to_head(small_base, tmp_path):
+def test_token_rewards_runs_every_reward_and_compares_head_to_head(factworld_base_dir, tmp_path):
     run = _load()
     figure = ROOT / "experiments/token_rewards/figures/gold_vs_rollouts.png"
     readme = (ROOT / "experiments/token_rewards/README.md").read_text()
     stamp = figure.stat().st_mtime_ns if figure.exists() else None
     out = tmp_path / "out"
-    results = run.main(["--base", str(small_base), "--out", str(out), "--seeds", "0", "--steps", "2",
+    results = run.main(["--base", str(factworld_base_dir), "--out", str(out), "--seeds", "0", "--steps", "2",
                         "--prompts-per-step", "4", "--eval-samples", "1", "--no-readme"])  # fmt: skip
 
     assert set(results["table"]) == set(run.REWARDS)
     for row in results["table"].values():
         assert 0.0 <= row["held-out win rate vs SFT"][0] <= 1.0
-    assert (small_base / "seq2seq_rm" / "final" / "config.json").exists()
+    assert (factworld_base_dir / "seq2seq_rm" / "final" / "config.json").exists()
     assert (out / "gold_vs_rollouts.png").exists() and (out / "results.json").exists()
     assert (ROOT / "experiments/token_rewards/README.md").read_text() == readme
     assert (figure.stat().st_mtime_ns if figure.exists() else None) == stamp

@@ -34,11 +34,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base, factworld_implicit_rm, factworld_seq2seq_rm, mean_sd, read_jsonl  # noqa: E402
-from rlxf.engine import TrainConfig  # noqa: E402
+from experiments.common import (
+    factworld_base,
+    factworld_implicit_rm,
+    factworld_seq2seq_rm,
+    mean_sd,
+    ppo_arm,
+    read_jsonl,
+)  # noqa: E402
 from rlxf.evaluation import EvalConfig, run_eval  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402
-from rlxf.trainers.ppo import PPOConfig, train_ppo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("token_rewards")
@@ -80,37 +85,10 @@ HEAD_TO_HEAD = [
 """Pairs of rewards compared directly: the first's policy against the second's, same seed, on gold score."""
 
 
-def ppo_run(args, base: dict[str, Path], name: str, spec: str, seed: int, out: Path) -> dict:
-    cfg = PPOConfig(
-        model=str(base["sft"]),
-        prompts_file=str(base["world"] / "prompts_train.jsonl"),
-        reward=spec.format(**base),
-        out=str(out),
-        gold_world=str(base["world"]),  # logged only: the RM run never sees the gold score
-        shared_value_head=True,
-        value_lr=args.value_lr,
-        k=args.k,
-        generation=GenerationSettings(max_new_tokens=48, temperature=1.0, batch_size=64),
-        kl_coef=args.kl_coef,
-        train=TrainConfig(
-            lr=args.lr,
-            batch_size=args.prompts_per_step,
-            per_device_batch_size=min(16, args.prompts_per_step),
-            max_steps=args.steps,
-            lr_schedule="constant",
-            seed=seed,
-            progress=args.progress,
-            report_to="none",
-        ),
-    )
-    done = out / "run.json"
-    if done.exists() and (out / "final" / "config.json").exists():  # finished earlier: reuse (delete to redo)
-        return json.loads(done.read_text())
-    start = time.perf_counter()
-    result = train_ppo(cfg)
-    record = {"history": result["history"], "seconds": time.perf_counter() - start}
-    done.write_text(json.dumps(record))
-    return record
+def ppo_run(args, base: dict[str, Path], spec: str, seed: int, out: Path) -> dict:
+    return ppo_arm(base["sft"], base["world"], spec.format(**base), seed, out, steps=args.steps,
+                   prompts_per_step=args.prompts_per_step, k=args.k, lr=args.lr, value_lr=args.value_lr,
+                   kl_coef=args.kl_coef, progress=args.progress)  # fmt: skip
 
 
 def file_name(name: str) -> str:
@@ -166,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in args.seeds:
             slug = name.replace(", ", "-").replace(" ", "_")
             logger.info("PPO with %s, seed %d", name, seed)
-            runs.setdefault(name, {})[seed] = ppo_run(args, base, name, spec, seed, out / f"{slug}-seed{seed}")
+            runs.setdefault(name, {})[seed] = ppo_run(args, base, spec, seed, out / f"{slug}-seed{seed}")
             h = runs[name][seed]["history"]
             logger.info(
                 "  gold %.3f -> %.3f, KL %.2f, %.0f s",

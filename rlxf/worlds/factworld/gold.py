@@ -184,6 +184,8 @@ def evaluate_responses(prompt_rows: Sequence[Mapping[str, Any]], responses: Sequ
 
     gold_score            mean gold score over all rows (gold_score_fact / _list / _retain: per kind)
     hallucination_rate    wrong facts / stated facts, summed over fact prompts (unrequested facts included)
+    unrequested_fact_rate facts about the asked entity stated beyond the request, per fact response (verbosity that
+                          a length-biased labeller rewards)
     retain_accuracy       share of retain responses equal to the reference after stripping outer whitespace
     list_validity         share of list responses that are perfect: exactly k distinct valid items, nothing else
     mean_length_words     mean whitespace-separated words per response
@@ -200,6 +202,8 @@ def evaluate_responses(prompt_rows: Sequence[Mapping[str, Any]], responses: Sequ
     out = {"gold_score": _mean([s.score for s in scores])}
     out.update({f"gold_score_{kind}": _mean([scores[i].score for i in idx]) for kind, idx in by_kind.items()})
     out["hallucination_rate"] = sum(scores[i].n_wrong for i in fact) / stated if stated else float("nan")
+    unrequested = sum(v.key is not None and not v.requested for i in fact for v in scores[i].verdicts)
+    out["unrequested_fact_rate"] = unrequested / len(fact) if fact else float("nan")
     out["retain_accuracy"] = _mean(
         [float(responses[i].strip() == prompt_rows[i]["reference"].strip()) for i in by_kind["retain"]]
     )

@@ -1,0 +1,56 @@
+"""experiments/seq2seq_rm/length_bias.py end to end on the small FactWorld: the re-labelled world keeps the base's
+knowledge base, prompts and answer pairs, the labeller's length bias shows in its labels, and every arm runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("length_bias", ROOT / "experiments/seq2seq_rm/length_bias.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_biased_world_relabels_the_same_pairs(factworld_dir, tmp_path):
+    run = _load()
+    world = run.biased_world(factworld_dir, tmp_path / "biased", length_bias=3.0)
+    base_pairs = run.read_jsonl(factworld_dir / "preferences_train.jsonl")
+    pairs = run.read_jsonl(world / "preferences_train.jsonl")
+    assert [p["prompt"] for p in pairs] == [p["prompt"] for p in base_pairs]
+    assert [{p["chosen"], p["rejected"]} for p in pairs] == [{p["chosen"], p["rejected"]} for p in base_pairs]
+    assert run._share_longer_chosen(pairs) > run._share_longer_chosen(base_pairs)
+    (world / "prompts_test.jsonl").write_text("{}\n")  # no longer the base world's prompts
+    with pytest.raises(RuntimeError, match="not the base world"):
+        run.biased_world(factworld_dir, world, length_bias=3.0)
+
+
+def test_share_longer_chosen_by_hand():
+    run = _load()
+    pairs = [
+        {"chosen": "a b c", "rejected": "a"},
+        {"chosen": "a", "rejected": "a b"},
+        {"chosen": "x", "rejected": "y"},
+    ]
+    assert run._share_longer_chosen(pairs) == 0.5  # the equal-length pair is left out
+
+
+def test_length_bias_runs_every_arm(factworld_base_dir, tmp_path):
+    run = _load()
+    readme = (ROOT / "experiments/seq2seq_rm/README.md").read_text()
+    out = tmp_path / "out"
+    results = run.main(["--base", str(factworld_base_dir), "--out", str(out), "--seeds", "0", "--steps", "2",
+                        "--prompts-per-step", "4", "--eval-samples", "1", "--no-readme"])  # fmt: skip
+    assert len(results["table"]) == 4
+    for row in results["table"].values():
+        assert row["length, first 5 rollouts"][0] > 0 and 0.0 <= row["gold win rate vs SFT"][0] <= 1.0
+    assert (out / "length.png").exists() and json.loads((out / "results.json").read_text())["table"]
+    assert (ROOT / "experiments/seq2seq_rm/README.md").read_text() == readme
