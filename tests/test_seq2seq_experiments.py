@@ -1,10 +1,12 @@
-"""experiments/seq2seq_rm/length_bias.py end to end on the small FactWorld: the re-labelled world keeps the base's
-knowledge base, prompts and answer pairs, the labeller's length bias shows in its labels, and every arm runs."""
+"""experiments/seq2seq_rm/length_bias.py and ood.py end to end on the small FactWorld: the re-labelled world keeps
+the base's knowledge base, prompts and answer pairs, the labeller's length bias shows in its labels, every arm runs,
+and the held-out entities are absent from every reward model's pairs."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -53,4 +55,39 @@ def test_length_bias_runs_every_arm(factworld_base_dir, tmp_path):
     for row in results["table"].values():
         assert row["length, first 5 rollouts"][0] > 0 and 0.0 <= row["gold win rate vs SFT"][0] <= 1.0
     assert (out / "length.png").exists() and json.loads((out / "results.json").read_text())["table"]
+    assert (ROOT / "experiments/seq2seq_rm/README.md").read_text() == readme
+
+
+def _load_ood():
+    spec = importlib.util.spec_from_file_location("seq2seq_ood", ROOT / "experiments/seq2seq_rm/ood.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_by_split_by_hand():
+    ood = _load_ood()
+    pairs = [{"gold_chosen": 1.0, "gold_rejected": 0.0}, {"gold_chosen": 0.0, "gold_rejected": 1.0},
+             {"gold_chosen": 0.5, "gold_rejected": 0.5}]  # fmt: skip
+    result = ood.accuracy_by_split(pairs, [1.0, 1.0, 0.5], ["in distribution", "in distribution", "list"])
+    assert result["in distribution"] == {"pairs": 2, "accuracy_human": 1.0, "accuracy_gold": 0.5}
+    assert result["list"]["pairs"] == 1 and result["list"]["accuracy_human"] == 0.5
+    assert math.isnan(result["list"]["accuracy_gold"])  # a gold tie has no gold order
+    assert result["out of distribution"]["pairs"] == 0
+
+
+def test_ood_holds_entities_out_of_every_rm(factworld_base_dir, tmp_path):
+    ood = _load_ood()
+    readme = (ROOT / "experiments/seq2seq_rm/README.md").read_text()
+    results = ood.main(
+        ["--base", str(factworld_base_dir), "--out", str(tmp_path / "out"), "--seeds", "0", "--no-readme"]
+    )
+    world = ood.load_factworld(factworld_base_dir / "world")
+    held_out = ood.held_out_entities(world)
+    assert sorted(held_out) == results["held_out_entities"] and len(held_out) == len(world.kb.entities) // 4
+    kept = ood.read_jsonl(tmp_path / "out" / "preferences_train.jsonl")
+    assert kept and all(ood.split_of(world, r, held_out) != "out of distribution" for r in kept)
+    assert set(results["table"]) == {"gold scorer (the ceiling under label noise)", "scalar BT RM",
+                                     "likelihood-ratio RM", "seq2seq RM"}  # fmt: skip
+    assert results["table"]["seq2seq RM"]["out of distribution"]["pairs"] > 0
     assert (ROOT / "experiments/seq2seq_rm/README.md").read_text() == readme
