@@ -119,52 +119,86 @@ def factworld_base(root: str | Path, seed: int = 0, progress: bool = True) -> di
 IMPLICIT_RM_LR, IMPLICIT_RM_EPOCHS = 1e-4, 2.0
 """The likelihood-ratio reward model's recipe (`experiments/judges/implicit_rm.py`, its first setting)."""
 
-
-def factworld_implicit_rm(base: dict[str, Path], seed: int = 0, progress: bool = False) -> Path:
-    """The base's likelihood-ratio reward model r = β·log π/π_sft (a BT model trained by `rlxf dpo` from the SFT
-    policy on the world's own simulated-human training pairs; read as `dpo:DIR:SFT`). Built once under the base."""
-    from rlxf.trainers.dpo import DPOConfig, train_dpo
-
-    root = base["world"].parent / "implicit_rm"
-    if not (root / "final" / "config.json").exists():
-        logger.info("base: likelihood-ratio reward model")
-        train = TrainConfig(epochs=IMPLICIT_RM_EPOCHS, lr=IMPLICIT_RM_LR, batch_size=32, per_device_batch_size=32,
-                            warmup_steps=10, seed=seed, progress=progress, report_to="none", overwrite=True)  # fmt: skip
-        train_dpo(DPOConfig(model=str(base["sft"]), train_file=str(base["world"] / "preferences_train.jsonl"),
-                            out=str(root), train=train))  # fmt: skip
-    return root / "final"
-
-
 SEQ2SEQ_RM_LR, SEQ2SEQ_RM_EPOCHS = IMPLICIT_RM_LR, IMPLICIT_RM_EPOCHS
 """The seq2seq reward model's recipe: the likelihood-ratio RM's, fixed before any seq2seq number was seen."""
 
 
-def seq2seq_rm_config(world: str | Path, sft: str | Path, out: str | Path, lr: float, epochs: float, seed: int = 0,
-                      progress: bool = False):  # fmt: skip
-    """`rlxf seq2seq-rm` from the SFT policy on the world's own simulated-human training pairs, batch 32, no held-out
-    split (the test pairs stay unseen).
+def judge_train_config(epochs: float, lr: float, seed: int = 0, progress: bool = False) -> TrainConfig:
+    """How every FactWorld judge trains: batch 32, 10 warm-up steps, no reports; an unfinished run is replaced."""
+    return TrainConfig(epochs=epochs, lr=lr, batch_size=32, per_device_batch_size=32, warmup_steps=10, seed=seed,
+                       progress=progress, report_to="none", overwrite=True)  # fmt: skip
 
-    The target is the human's sampled choice (`use_label_prob` off), as for the likelihood-ratio RM. A FactWorld
-    row's `label_prob` is the simulated human's P(chosen ≻ rejected) = σ(Δgold / T): orienting pairs by it (the
-    trainer's default for soft-labelled data) would hand the RM the gold order of every pair."""
-    from rlxf.trainers.seq2seq_rm import Seq2SeqRMConfig
 
-    train = TrainConfig(epochs=epochs, lr=lr, batch_size=32, per_device_batch_size=32, warmup_steps=10, seed=seed,
-                        progress=progress, report_to="none", overwrite=True)  # fmt: skip
-    return Seq2SeqRMConfig(model=str(sft), train_file=str(Path(world) / "preferences_train.jsonl"), out=str(out),
-                           use_label_prob=False, early_stop_patience=0, train=train)  # fmt: skip
+# The judges below start from the SFT policy and train on a file of simulated-human pairs with the human's sampled
+# choices as targets, never gold. Each returns its final/ directory and is reused once finished (delete `out` to redo).
+
+
+def scalar_rm(sft: str | Path, train_file: str | Path, out: Path, seed: int = 0, progress: bool = False) -> Path:
+    """The demo's Bradley–Terry recipe (2 epochs, lr 1e-3) with hard labels (read as `rm:DIR`)."""
+    if not (out / "final" / "config.json").exists():
+        cfg = DemoConfig()
+        train_reward_model(RewardModelConfig(model=str(sft), train_file=str(train_file), out=str(out),
+                                             use_label_prob=False,
+                                             train=judge_train_config(cfg.rm_epochs, cfg.rm_lr, seed, progress)))  # fmt: skip
+    return out / "final"
+
+
+def implicit_rm(sft: str | Path, train_file: str | Path, out: Path, seed: int = 0, progress: bool = False,
+                lr: float = IMPLICIT_RM_LR, epochs: float = IMPLICIT_RM_EPOCHS, beta: float = 0.1) -> Path:  # fmt: skip
+    """The likelihood-ratio reward model r = β·log π/π_sft: a BT model trained by `rlxf dpo` (read as `dpo:DIR:SFT`)."""
+    from rlxf.trainers.dpo import DPOConfig, train_dpo
+
+    if not (out / "final" / "config.json").exists():
+        train_dpo(DPOConfig(model=str(sft), train_file=str(train_file), out=str(out), beta=beta,
+                            train=judge_train_config(epochs, lr, seed, progress)))  # fmt: skip
+    return out / "final"
+
+
+def seq2seq_rm(sft: str | Path, train_file: str | Path, out: Path, seed: int = 0, progress: bool = False,
+               lr: float = SEQ2SEQ_RM_LR, epochs: float = SEQ2SEQ_RM_EPOCHS) -> Path:  # fmt: skip
+    """`rlxf seq2seq-rm` (arXiv 2409.00162; read as `seq2seq:DIR`), no held-out split (the test pairs stay unseen).
+
+    `use_label_prob` is off: a FactWorld row's `label_prob` is the simulated human's P(chosen ≻ rejected) =
+    σ(Δgold / T), and orienting pairs by it (the trainer's default for soft-labelled data) would hand the RM the gold
+    order of every pair."""
+    from rlxf.trainers.seq2seq_rm import Seq2SeqRMConfig, train_seq2seq_rm
+
+    if not (out / "final" / "config.json").exists():
+        train_seq2seq_rm(Seq2SeqRMConfig(model=str(sft), train_file=str(train_file), out=str(out),
+                                         use_label_prob=False, early_stop_patience=0,
+                                         train=judge_train_config(epochs, lr, seed, progress)))  # fmt: skip
+    return out / "final"
+
+
+def factworld_implicit_rm(base: dict[str, Path], seed: int = 0, progress: bool = False) -> Path:
+    """The base's likelihood-ratio reward model, on the world's own training pairs. Built once under the base."""
+    return implicit_rm(base["sft"], base["world"] / "preferences_train.jsonl", base["world"].parent / "implicit_rm",
+                       seed, progress)  # fmt: skip
 
 
 def factworld_seq2seq_rm(base: dict[str, Path], seed: int = 0, progress: bool = False) -> Path:
-    """The base's seq2seq reward model (arXiv 2409.00162; read as `seq2seq:DIR`). Built once under the base."""
-    from rlxf.trainers.seq2seq_rm import train_seq2seq_rm
+    """The base's seq2seq reward model, on the world's own training pairs. Built once under the base."""
+    return seq2seq_rm(base["sft"], base["world"] / "preferences_train.jsonl", base["world"].parent / "seq2seq_rm",
+                      seed, progress)  # fmt: skip
 
-    root = base["world"].parent / "seq2seq_rm"
-    if not (root / "final" / "config.json").exists():
-        logger.info("base: seq2seq reward model")
-        train_seq2seq_rm(seq2seq_rm_config(base["world"], base["sft"], root, SEQ2SEQ_RM_LR, SEQ2SEQ_RM_EPOCHS, seed,
-                                           progress))  # fmt: skip
-    return root / "final"
+
+def pair_outcomes(source: Any, pairs: list[dict[str, Any]], tokenizer: Any) -> list[float]:
+    """Per preference pair, whether a reward source's summed reward R(y) = Σ_t r_t prefers the pair's `chosen`:
+    1, 0, or ½ on a tie (`rlxf.losses.pairwise_accuracy`)."""
+    import torch
+
+    from rlxf.data.tokenize import encode_preferences
+    from rlxf.losses import pairwise_accuracy
+
+    encoded = encode_preferences(pairs, tokenizer)
+    prompts = [{"prompt_ids": e["prompt_ids"]} for e in encoded]
+
+    @torch.no_grad()
+    def total(side: str) -> torch.Tensor:
+        rewards, mask = source(prompts, [e[side] for e in encoded], [""] * len(encoded), tokenizer)
+        return (rewards * mask).sum(-1)
+
+    return pairwise_accuracy(total("chosen_ids"), total("rejected_ids"), reduction="none").tolist()
 
 
 def ppo_arm(sft: str | Path, world: str | Path, spec: str, seed: int, out: Path, *, steps: int = 30,
@@ -174,7 +208,6 @@ def ppo_arm(sft: str | Path, world: str | Path, spec: str, seed: int, out: Path,
     FactWorld experiment shares (shared value head, 48 new tokens, constant lr); the world's gold score of the
     rollouts is logged, never trained on. A finished run is reused (delete `out` to redo it).
     Returns {"history": engine metrics per rollout, "seconds": wall time}."""
-    from rlxf.sampling import GenerationSettings
     from rlxf.trainers.ppo import PPOConfig, train_ppo
 
     done = out / "run.json"

@@ -77,24 +77,6 @@ def test_implicit_rm_runs_and_writes_the_headline(factworld_dir, factworld_sft_d
     assert (tmp_path / "run" / "results.json").exists()
 
 
-def test_the_shared_base_builds_its_likelihood_ratio_rm_once(factworld_dir, factworld_sft_dir, tmp_path):
-    import shutil
-    import sys
-
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from experiments.common import factworld_implicit_rm
-    from rlxf.rewards.sources import build_reward_source
-
-    shutil.copytree(factworld_dir, tmp_path / "world")
-    base = {"world": tmp_path / "world", "sft": factworld_sft_dir}
-    judge = factworld_implicit_rm(base)
-    assert judge == tmp_path / "implicit_rm" / "final" and (judge / "config.json").exists()
-    stamp = (judge / "model.safetensors").stat().st_mtime_ns
-    assert factworld_implicit_rm(base) == judge and (judge / "model.safetensors").stat().st_mtime_ns == stamp
-    build_reward_source(f"dpo:{judge}:{factworld_sft_dir}", device="cpu")  # the spec token_rewards uses
-
-
 seq2seq_judge = _load("seq2seq_judge")
 
 
@@ -114,19 +96,22 @@ def test_seq2seq_judge_runs_on_a_small_world(factworld_dir, factworld_sft_dir, t
     assert json.loads((tmp_path / "run" / "results.json").read_text())["settings"]
 
 
-def test_the_shared_base_builds_its_seq2seq_rm_once(factworld_dir, factworld_sft_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["implicit_rm", "seq2seq_rm"])
+def test_the_shared_base_builds_its_judge_once(kind, factworld_dir, factworld_sft_dir, tmp_path):
     import shutil
     import sys
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from experiments.common import factworld_seq2seq_rm
+    from experiments import common
     from rlxf.rewards.sources import build_reward_source
 
     shutil.copytree(factworld_dir, tmp_path / "world")
     base = {"world": tmp_path / "world", "sft": factworld_sft_dir}
-    judge = factworld_seq2seq_rm(base)
-    assert judge == tmp_path / "seq2seq_rm" / "final" and (judge / "config.json").exists()
+    build = getattr(common, f"factworld_{kind}")
+    judge = build(base)
+    assert judge == tmp_path / kind / "final" and (judge / "config.json").exists()
     stamp = (judge / "model.safetensors").stat().st_mtime_ns
-    assert factworld_seq2seq_rm(base) == judge and (judge / "model.safetensors").stat().st_mtime_ns == stamp
-    build_reward_source(f"seq2seq:{judge}", device="cpu")  # the spec token_rewards uses
+    assert build(base) == judge and (judge / "model.safetensors").stat().st_mtime_ns == stamp
+    spec = f"dpo:{judge}:{factworld_sft_dir}" if kind == "implicit_rm" else f"seq2seq:{judge}"
+    build_reward_source(spec, device="cpu")  # the spec token_rewards uses

@@ -15,15 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("length_bias", ROOT / "experiments/seq2seq_rm/length_bias.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"seq2seq_{name}", ROOT / f"experiments/seq2seq_rm/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_biased_world_relabels_the_same_pairs(factworld_dir, tmp_path):
-    run = _load()
+    run = _load("length_bias")
     world = run.biased_world(factworld_dir, tmp_path / "biased", length_bias=3.0)
     base_pairs = run.read_jsonl(factworld_dir / "preferences_train.jsonl")
     pairs = run.read_jsonl(world / "preferences_train.jsonl")
@@ -36,7 +36,7 @@ def test_biased_world_relabels_the_same_pairs(factworld_dir, tmp_path):
 
 
 def test_share_longer_chosen_by_hand():
-    run = _load()
+    run = _load("length_bias")
     pairs = [
         {"chosen": "a b c", "rejected": "a"},
         {"chosen": "a", "rejected": "a b"},
@@ -46,7 +46,7 @@ def test_share_longer_chosen_by_hand():
 
 
 def test_length_bias_runs_every_arm(factworld_base_dir, tmp_path):
-    run = _load()
+    run = _load("length_bias")
     readme = (ROOT / "experiments/seq2seq_rm/README.md").read_text()
     out = tmp_path / "out"
     results = run.main(["--base", str(factworld_base_dir), "--out", str(out), "--seeds", "0", "--steps", "2",
@@ -58,15 +58,8 @@ def test_length_bias_runs_every_arm(factworld_base_dir, tmp_path):
     assert (ROOT / "experiments/seq2seq_rm/README.md").read_text() == readme
 
 
-def _load_ood():
-    spec = importlib.util.spec_from_file_location("seq2seq_ood", ROOT / "experiments/seq2seq_rm/ood.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_accuracy_by_split_by_hand():
-    ood = _load_ood()
+    ood = _load("ood")
     pairs = [{"gold_chosen": 1.0, "gold_rejected": 0.0}, {"gold_chosen": 0.0, "gold_rejected": 1.0},
              {"gold_chosen": 0.5, "gold_rejected": 0.5}]  # fmt: skip
     result = ood.accuracy_by_split(pairs, [1.0, 1.0, 0.5], ["in distribution", "in distribution", "list"])
@@ -77,7 +70,7 @@ def test_accuracy_by_split_by_hand():
 
 
 def test_ood_holds_entities_out_of_every_rm(factworld_base_dir, tmp_path):
-    ood = _load_ood()
+    ood = _load("ood")
     readme = (ROOT / "experiments/seq2seq_rm/README.md").read_text()
     results = ood.main(
         ["--base", str(factworld_base_dir), "--out", str(tmp_path / "out"), "--seeds", "0", "--no-readme"]

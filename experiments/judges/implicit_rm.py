@@ -38,46 +38,25 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-from experiments.common import read_jsonl  # noqa: E402
+from experiments.common import implicit_rm, pair_outcomes, read_jsonl  # noqa: E402
 from experiments.judges.knowledge import PAIR_TYPES, accuracy_by_type, gold_ceiling  # noqa: E402
 from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality  # noqa: E402
 from rlxf.credit.segments import CreditConfig  # noqa: E402
-from rlxf.data.tokenize import encode_preferences  # noqa: E402
-from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.hf import load_tokenizer  # noqa: E402
-from rlxf.losses import pairwise_accuracy  # noqa: E402
 from rlxf.rewards.sources import DPOImplicitRewardSource  # noqa: E402
-from rlxf.trainers.dpo import DPOConfig, train_dpo  # noqa: E402
 
 JUDGES_JSON = ROOT / "experiments" / "judges.json"
 
 
 def train_judge(args, lr: float, epochs: float, seed: int, out: Path) -> Path:
-    final = out / "final"
-    if not (final / "config.json").exists():  # a finished judge is reused (delete the directory to retrain)
-        train = TrainConfig(epochs=epochs, lr=lr, batch_size=32, per_device_batch_size=32, warmup_steps=10,
-                            seed=seed, progress=args.progress, report_to="none", overwrite=True)  # fmt: skip
-        train_dpo(DPOConfig(model=args.sft, train_file=str(Path(args.world) / "preferences_train.jsonl"),
-                            out=str(out), beta=args.beta, train=train))  # fmt: skip
-    return final
+    return implicit_rm(args.sft, Path(args.world) / "preferences_train.jsonl", out, seed, args.progress, lr, epochs,
+                       args.beta)  # fmt: skip
 
 
-@torch.no_grad()
 def pair_accuracy(judge: Path, sft: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy of the summed implicit reward on held-out pairs, against the human labels and gold, by pair type."""
-    tokenizer = load_tokenizer(judge)
-    encoded = encode_preferences(pairs, tokenizer)
     source = DPOImplicitRewardSource(judge, sft, device="cpu")
-    prompts = [{"prompt_ids": e["prompt_ids"]} for e in encoded]
-
-    def total(side: str) -> torch.Tensor:
-        rewards, mask = source(prompts, [e[side] for e in encoded], [""] * len(encoded), tokenizer)
-        return (rewards * mask).sum(-1)
-
-    outcomes = pairwise_accuracy(total("chosen_ids"), total("rejected_ids"), reduction="none").tolist()
-    return accuracy_by_type(pairs, outcomes)
+    return accuracy_by_type(pairs, pair_outcomes(source, pairs, load_tokenizer(judge)))
 
 
 def increments(judge: Path, args) -> dict[str, float]:

@@ -37,50 +37,31 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-from experiments.common import read_jsonl, seq2seq_rm_config  # noqa: E402
+from experiments.common import pair_outcomes, read_jsonl, seq2seq_rm  # noqa: E402
 from experiments.judges.knowledge import PAIR_TYPES, accuracy_by_type, gold_ceiling  # noqa: E402
 from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality  # noqa: E402
 from rlxf.credit.segments import CreditConfig  # noqa: E402
 from rlxf.data.tokenize import encode_preferences  # noqa: E402
 from rlxf.hf import load_tokenizer  # noqa: E402
-from rlxf.losses import pairwise_accuracy  # noqa: E402
 from rlxf.rewards.seq2seq import Seq2SeqRewardSource, sanity_metrics  # noqa: E402
-from rlxf.trainers.seq2seq_rm import train_seq2seq_rm  # noqa: E402
 
 VARIANTS = ("A", "B", "soft")
 
 
 def train_judge(args, lr: float, epochs: float, seed: int, out: Path) -> Path:
-    final = out / "final"
-    if not (final / "config.json").exists():  # a finished RM is reused (delete the directory to retrain)
-        train_seq2seq_rm(seq2seq_rm_config(args.world, args.sft, out, lr, epochs, seed, args.progress))
-    return final
+    return seq2seq_rm(args.sft, Path(args.world) / "preferences_train.jsonl", out, seed, args.progress, lr, epochs)
 
 
-@torch.no_grad()
 def pair_accuracy(judge: Path, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy of R(y) = Σ_t r_t on held-out pairs for each variant, and the sanity metrics (variant A)."""
     tokenizer = load_tokenizer(judge)
-    encoded = encode_preferences(pairs, tokenizer)
-    prompts = [{"prompt_ids": e["prompt_ids"]} for e in encoded]
     result: dict[str, Any] = {}
-
-    def total(source: Seq2SeqRewardSource, side: str) -> torch.Tensor:
-        rewards, mask = source(prompts, [e[side] for e in encoded], [""] * len(encoded), tokenizer)
-        return (rewards * mask).sum(-1)
-
     for variant in VARIANTS:
         source = Seq2SeqRewardSource(judge, variant=variant, device="cpu")
-        chosen, rejected = total(source, "chosen_ids"), total(source, "rejected_ids")
-        outcomes = pairwise_accuracy(chosen, rejected, reduction="none").tolist()
-        result[variant] = accuracy_by_type(pairs, outcomes)
+        result[variant] = accuracy_by_type(pairs, pair_outcomes(source, pairs, tokenizer))
         if variant == "A":
-            rows = [{"prompt_ids": e["prompt_ids"], "chosen_ids": e["chosen_ids"], "rejected_ids": e["rejected_ids"]}
-                    for e in encoded]  # fmt: skip
+            rows = encode_preferences(pairs, tokenizer)
             result["sanity"] = sanity_metrics(source.model, source.template, rows, tokenizer.pad_token_id)
-        del source
     return result
 
 

@@ -35,14 +35,11 @@ from experiments.common import (  # noqa: E402
     mean_sd,
     ppo_arm,
     read_jsonl,
-    seq2seq_rm_config,
+    scalar_rm,
+    seq2seq_rm,
 )
-from rlxf.demo import DemoConfig  # noqa: E402
-from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.evaluation import EvalConfig, run_eval  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402
-from rlxf.trainers.rm import RewardModelConfig, train_reward_model  # noqa: E402
-from rlxf.trainers.seq2seq_rm import train_seq2seq_rm  # noqa: E402
 from rlxf.worlds.factworld import FactWorldConfig, write_factworld  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -67,25 +64,6 @@ def biased_world(base_world: Path, out: Path, length_bias: float) -> Path:
     if not same:
         raise RuntimeError(f"{out} is not the base world {base_world} with other labels; delete it and rerun")
     return out
-
-
-def scalar_rm(sft: Path, world: Path, out: Path, seed: int = 0) -> Path:
-    """The demo's BT recipe (2 epochs, lr 1e-3, batch 32) on the world's pairs, hard labels (the human's choice)."""
-    if not (out / "final" / "config.json").exists():
-        cfg = DemoConfig()
-        train = TrainConfig(epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=32, per_device_batch_size=32,
-                            warmup_steps=10, seed=seed, progress=False, report_to="none", overwrite=True)  # fmt: skip
-        train_reward_model(RewardModelConfig(model=str(sft), train_file=str(world / "preferences_train.jsonl"),
-                                             out=str(out), use_label_prob=False, train=train))  # fmt: skip
-    return out / "final"
-
-
-def seq2seq_rm(sft: Path, world: Path, out: Path, seed: int = 0) -> Path:
-    if not (out / "final" / "config.json").exists():
-        from experiments.common import SEQ2SEQ_RM_EPOCHS, SEQ2SEQ_RM_LR
-
-        train_seq2seq_rm(seq2seq_rm_config(world, sft, out, SEQ2SEQ_RM_LR, SEQ2SEQ_RM_EPOCHS, seed))
-    return out / "final"
 
 
 def plot(curves: dict[str, list[list[float]]], path: Path) -> None:
@@ -122,11 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     base = factworld_base(args.base, progress=False)
     worlds = {"unbiased": base["world"], "biased": biased_world(base["world"], out / "world_biased", args.length_bias)}
+    pairs = {labeller: world / "preferences_train.jsonl" for labeller, world in worlds.items()}
     rms = {
-        "BT RM, unbiased labels": f"rm:{scalar_rm(base['sft'], worlds['unbiased'], out / 'rm_unbiased')}",
-        "BT RM, length-biased labels": f"rm:{scalar_rm(base['sft'], worlds['biased'], out / 'rm_biased')}",
+        "BT RM, unbiased labels": f"rm:{scalar_rm(base['sft'], pairs['unbiased'], out / 'rm_unbiased')}",
+        "BT RM, length-biased labels": f"rm:{scalar_rm(base['sft'], pairs['biased'], out / 'rm_biased')}",
         "seq2seq RM, unbiased labels": f"seq2seq:{factworld_seq2seq_rm(base)}",
-        "seq2seq RM, length-biased labels": f"seq2seq:{seq2seq_rm(base['sft'], worlds['biased'], out / 's2s_biased')}",
+        "seq2seq RM, length-biased labels": f"seq2seq:{seq2seq_rm(base['sft'], pairs['biased'], out / 's2s_biased')}",
     }
 
     def slug(name: str, seed: int) -> str:
@@ -154,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         row |= {label: mean_sd([evals[slug(n, s)][key] for s in args.seeds]) for label, key in METRICS.items()}
         table[n] = row
     sft = {label: evals["sft"][key] for label, key in METRICS.items()}
-    preference = {w: _share_longer_chosen(read_jsonl(path / "preferences_train.jsonl")) for w, path in worlds.items()}
+    preference = {labeller: _share_longer_chosen(read_jsonl(path)) for labeller, path in pairs.items()}
     results = {"table": table, "sft": sft, "longer_chosen": preference, "args": vars(args),
                "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -30,27 +30,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import torch  # noqa: E402
 
 from experiments.common import (  # noqa: E402
-    IMPLICIT_RM_EPOCHS,
-    IMPLICIT_RM_LR,
-    SEQ2SEQ_RM_EPOCHS,
-    SEQ2SEQ_RM_LR,
     factworld_base,
+    implicit_rm,
+    pair_outcomes,
     read_jsonl,
-    seq2seq_rm_config,
+    scalar_rm,
+    seq2seq_rm,
 )
 from rlxf.data.formats import write_jsonl  # noqa: E402
-from rlxf.data.tokenize import encode_preferences  # noqa: E402
-from rlxf.demo import DemoConfig  # noqa: E402
-from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.hf import load_tokenizer  # noqa: E402
-from rlxf.losses import pairwise_accuracy  # noqa: E402
 from rlxf.rewards.sources import build_reward_source  # noqa: E402
-from rlxf.trainers.dpo import DPOConfig, train_dpo  # noqa: E402
-from rlxf.trainers.rm import RewardModelConfig, train_reward_model  # noqa: E402
-from rlxf.trainers.seq2seq_rm import train_seq2seq_rm  # noqa: E402
 from rlxf.worlds.factworld import load_factworld  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -72,42 +63,11 @@ def split_of(world, pair: dict[str, Any], held_out: set[str]) -> str:
 
 def train_rms(sft: Path, train_file: Path, out: Path, seed: int = 0) -> dict[str, str]:
     """The three reward models on `train_file`; returns their reward specs."""
-
-    def train(epochs: float, lr: float) -> TrainConfig:  # fmt: skip
-        return TrainConfig(epochs=epochs, lr=lr, batch_size=32, per_device_batch_size=32, warmup_steps=10, seed=seed,
-                           progress=False, report_to="none", overwrite=True)  # fmt: skip
-
-    demo = DemoConfig()
-    if not (out / "rm" / "final" / "config.json").exists():
-        train_reward_model(RewardModelConfig(model=str(sft), train_file=str(train_file), out=str(out / "rm"),
-                                             use_label_prob=False, train=train(demo.rm_epochs, demo.rm_lr)))  # fmt: skip
-    if not (out / "implicit_rm" / "final" / "config.json").exists():
-        train_dpo(DPOConfig(model=str(sft), train_file=str(train_file), out=str(out / "implicit_rm"),
-                            train=train(IMPLICIT_RM_EPOCHS, IMPLICIT_RM_LR)))  # fmt: skip
-    if not (out / "seq2seq_rm" / "final" / "config.json").exists():
-        cfg = seq2seq_rm_config(train_file.parent, sft, out / "seq2seq_rm", SEQ2SEQ_RM_LR, SEQ2SEQ_RM_EPOCHS, seed)
-        cfg.train_file = str(train_file)
-        train_seq2seq_rm(cfg)
     return {
-        "scalar BT RM": f"rm:{out / 'rm' / 'final'}",
-        "likelihood-ratio RM": f"dpo:{out / 'implicit_rm' / 'final'}:{sft}",
-        "seq2seq RM": f"seq2seq:{out / 'seq2seq_rm' / 'final'}",
+        "scalar BT RM": f"rm:{scalar_rm(sft, train_file, out / 'rm', seed)}",
+        "likelihood-ratio RM": f"dpo:{implicit_rm(sft, train_file, out / 'implicit_rm', seed)}:{sft}",
+        "seq2seq RM": f"seq2seq:{seq2seq_rm(sft, train_file, out / 'seq2seq_rm', seed)}",
     }
-
-
-@torch.no_grad()
-def outcomes(spec: str, sft: Path, pairs: list[dict[str, Any]]) -> list[float]:
-    """Per pair: 1 if the reward model's summed reward prefers the human's choice, 0 if not, ½ on a tie."""
-    tokenizer = load_tokenizer(sft)
-    encoded = encode_preferences(pairs, tokenizer)
-    source = build_reward_source(spec, device="cpu")
-    prompts = [{"prompt_ids": e["prompt_ids"]} for e in encoded]
-
-    def total(side: str) -> torch.Tensor:
-        rewards, mask = source(prompts, [e[side] for e in encoded], [""] * len(encoded), tokenizer)
-        return (rewards * mask).sum(-1)
-
-    return pairwise_accuracy(total("chosen_ids"), total("rejected_ids"), reduction="none").tolist()
 
 
 def accuracy_by_split(pairs: list[dict[str, Any]], results: list[float], splits: list[str]) -> dict[str, Any]:
@@ -151,11 +111,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 len(kept), len(train))  # fmt: skip
     test = read_jsonl(base["world"] / "preferences_test.jsonl")
     splits = [split_of(world, r, held_out) for r in test]
+    tokenizer = load_tokenizer(base["sft"])
     per_seed: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for seed in args.seeds:
         specs = train_rms(base["sft"], out / "preferences_train.jsonl", out / f"seed{seed}", seed)
         for name, spec in specs.items():
-            per_seed[name].append(accuracy_by_split(test, outcomes(spec, base["sft"], test), splits))
+            results = pair_outcomes(build_reward_source(spec, device="cpu"), test, tokenizer)
+            per_seed[name].append(accuracy_by_split(test, results, splits))
     table = {name: mean_over_seeds(runs) for name, runs in per_seed.items()}
     gold = [1.0 if r["gold_chosen"] > r["gold_rejected"] else 0.5 if r["gold_chosen"] == r["gold_rejected"] else 0.0
             for r in test]  # fmt: skip
