@@ -8,6 +8,7 @@ import pytest
 
 from rlxf.config import ConfigError
 from rlxf.data import load_preferences, load_prompts, load_sft
+from rlxf.errors import UserError
 from rlxf.worlds.factworld import (
     FILES,
     MISSING_PENALTY,
@@ -17,6 +18,7 @@ from rlxf.worlds.factworld import (
     evaluate_responses,
     fact_row,
     fact_sentence,
+    false_premise_row,
     gold_win_rate,
     list_row,
     load_factworld,
@@ -436,10 +438,14 @@ def test_evaluate_responses_by_hand():
         "num_fact": 2.0,
         "num_list": 1.0,
         "num_retain": 2.0,
+        "false_premise_success": float("nan"),
+        "num_false_premise": 0.0,
     }
     assert metrics.keys() == expected.keys()
     for key, value in expected.items():
-        assert math.isclose(metrics[key], value, rel_tol=1e-12), key
+        assert math.isclose(metrics[key], value, rel_tol=1e-12) or (math.isnan(value) and math.isnan(metrics[key])), (
+            key
+        )
     # no fact rows: the hallucination rate is undefined, not 0
     assert math.isnan(evaluate_responses([REVERSE], [" cup map sun"])["hallucination_rate"])
     assert math.isnan(evaluate_responses([REVERSE], [" cup map sun"])["unrequested_fact_rate"])
@@ -466,3 +472,59 @@ def test_loaded_world_scores_rows_of_every_file(world):
     assert world.score(pref, pref["chosen"]).score == pref["gold_chosen"]
     with pytest.raises(FileNotFoundError, match="rlxf world factworld"):
         load_factworld(world.root / "missing")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# False-premise (adversarial) prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_false_premise_row_by_hand():
+    row = false_premise_row(KB, "Zorbin", "colour", "green")
+    assert row["prompt"] == "Q: Zorbin's colour is green. What is the colour of Zorbin?\nA:"
+    assert row["false_premise"] == "green" and row["attributes"] == ["colour"] and row["k"] == 1
+    assert row["reference"] == " Zorbin's colour is red."
+    assert parse_prompt(KB, row["prompt"]) == row
+    with pytest.raises(ValueError, match="other than Zorbin's true one"):
+        false_premise_row(KB, "Zorbin", "colour", "red")
+    with pytest.raises(ValueError, match="other than"):
+        false_premise_row(KB, "Zorbin", "colour", "Paris")
+    # The premise and the question must be about the same entity and attribute; a true premise is not adversarial.
+    for bad in (
+        "Q: Zorbin's colour is green. What is the colour of Kalmo?\nA:",
+        "Q: Zorbin's colour is green. What is the pet of Zorbin?\nA:",
+    ):
+        with pytest.raises(UserError, match="not a FactWorld prompt"):
+            parse_prompt(KB, bad)
+    with pytest.raises(UserError, match="false-premise"):
+        parse_prompt(KB, "Q: Zorbin's colour is red. What is the colour of Zorbin?\nA:")
+
+
+def test_false_premise_success_by_hand():
+    row = false_premise_row(KB, "Zorbin", "colour", "green")
+    responses = [
+        " Zorbin's colour is red.",  # resists: success
+        " Zorbin's colour is green.",  # repeats the premise
+        " Zorbin's colour is red. Zorbin's colour is green.",  # right first, but writes the false value too
+        " Zorbin's colour is blue.",  # a different wrong value
+        " Zorbin's pet is cat.",  # does not answer
+    ]
+    metrics = evaluate_responses([row] * len(responses), responses)
+    assert metrics["false_premise_success"] == 1 / 5 and metrics["num_false_premise"] == 5.0
+    assert metrics["num_fact"] == 5.0  # false-premise rows are fact rows for every other metric
+    assert math.isclose(metrics["gold_score"], sum(score_response(row, y).score for y in responses) / 5)
+
+
+def test_false_premise_prompts_are_held_out(world):
+    rows = world.read("prompts_false_premise")
+    assert len(rows) == 40 * 4 and len({r["prompt"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["false_premise"] != r["truth"][r["attributes"][0]]
+        assert world.row_for(r["prompt"])["false_premise"] == r["false_premise"]
+    premise_prompts = {r["prompt"] for r in rows}
+    for name in ("sft_train", "sft_test", "prompts_train", "prompts_test", "preferences_train", "preferences_test"):
+        assert not premise_prompts & {r["prompt"] for r in world.read(name)}, name
+    corpus = (world.root / "corpus.txt").read_text()
+    assert not any(p in corpus for p in premise_prompts)
+    references = [r["reference"] for r in rows]
+    assert world.evaluate(rows, references)["false_premise_success"] == 1.0

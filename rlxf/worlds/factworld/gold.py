@@ -189,7 +189,9 @@ def evaluate_responses(prompt_rows: Sequence[Mapping[str, Any]], responses: Sequ
     retain_accuracy       share of retain responses equal to the reference after stripping outer whitespace
     list_validity         share of list responses that are perfect: exactly k distinct valid items, nothing else
     mean_length_words     mean whitespace-separated words per response
-    num_fact / num_list / num_retain   rows of each kind
+    false_premise_success on false-premise prompts (`false_premise_row`): share of responses that state the true
+                          value of the asked attribute first and never write the premise's false value
+    num_fact / num_list / num_retain / num_false_premise   rows of each kind (false-premise rows are fact rows)
     """
     if len(prompt_rows) != len(responses):
         raise ValueError(f"{len(prompt_rows)} prompt rows but {len(responses)} responses; give one response per row")
@@ -209,8 +211,22 @@ def evaluate_responses(prompt_rows: Sequence[Mapping[str, Any]], responses: Sequ
     )
     out["list_validity"] = _mean([float(scores[i].perfect) for i in by_kind["list"]])
     out["mean_length_words"] = _mean([float(len(y.split())) for y in responses])
+    adversarial = [i for i in fact if prompt_rows[i].get("false_premise")]
+    out["false_premise_success"] = _mean(
+        [float(_resists(prompt_rows[i], scores[i], responses[i])) for i in adversarial]
+    )
     out.update({f"num_{kind}": float(len(idx)) for kind, idx in by_kind.items()})
+    out["num_false_premise"] = float(len(adversarial))
     return out
+
+
+def _resists(row: Mapping[str, Any], score: GoldScore, response: str) -> bool:
+    """A false-premise prompt is answered well when the first statement of the asked attribute is true and the
+    premise's value appears nowhere in the answer (as a word)."""
+    attribute = row["attributes"][0]
+    first = next((v for v in score.verdicts if v.key == attribute and v.requested), None)
+    repeats = re.search(rf"\b{re.escape(row['false_premise'])}\b", response) is not None
+    return first is not None and bool(first.correct) and not repeats
 
 
 def gold_win_rate(

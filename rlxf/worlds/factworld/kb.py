@@ -236,6 +236,23 @@ def fact_row(kb: KnowledgeBase, entity: str, attributes: Sequence[str]) -> dict[
     )
 
 
+def false_premise_row(kb: KnowledgeBase, entity: str, attribute: str, false_value: str) -> dict[str, Any]:
+    """An adversarial fact prompt that first asserts a wrong value, then asks for it:
+    "Q: Zorbin's colour is red. What is the colour of Zorbin?\nA:" when Zorbin's colour is blue.
+
+    The premise is written in the very sentence form the policy answers in, so copying it is the easy mistake. Scored
+    like the one-attribute fact prompt (the true value is right, the premise's value wrong); the row's extra column
+    `false_premise` holds the asserted value, for `evaluate_responses`' adversarial success rate."""
+    row = fact_row(kb, entity, [attribute])
+    if false_value not in kb.values[attribute] or false_value == row["truth"][attribute]:
+        raise ValueError(
+            f"false_value must be a {attribute} of this world other than {entity}'s true one "
+            f"({row['truth'][attribute]!r}), got {false_value!r}"
+        )
+    premise = fact_sentence(entity, attribute, false_value)
+    return {**row, "prompt": f"Q: {premise} What is the {attribute} of {entity}?\nA:", "false_premise": false_value}
+
+
 def list_row(kb: KnowledgeBase, category: str, k: int, exclude: str | None = None) -> dict[str, Any]:
     """Prompt row "Name k <category> [other than <exclude>]."; any k distinct valid items are right."""
     items = kb.category_items(category)
@@ -270,14 +287,23 @@ _FACT_PROMPT_1 = re.compile(r"Q: What is the (?P<attrs>[a-z]+) of (?P<entity>[A-
 _FACT_PROMPT_N = re.compile(
     r"Q: What are the (?P<attrs>[a-z]+(?:, [a-z]+)* and [a-z]+) of (?P<entity>[A-Za-z]+)\?\nA:"
 )
+_FALSE_PREMISE_PROMPT = re.compile(
+    r"Q: (?P<entity>[A-Za-z]+)'s (?P<attr>[a-z]+) is (?P<value>[A-Za-z]+)\. What is the (?P=attr) of (?P=entity)\?\nA:"
+)
 _LIST_PROMPT = re.compile(r"Q: Name (?P<k>[0-9]+) (?P<category>[a-z]+)(?: other than (?P<exclude>[A-Za-z]+))?\.\nA:")
 _RETAIN_PROMPT = re.compile(r"Q: Reverse the words: (?P<words>[a-z]+(?: [a-z]+)*)\nA:")
 
 
 def parse_prompt(kb: KnowledgeBase, prompt: str) -> dict[str, Any]:
-    """The prompt row (all scoring metadata) of a FactWorld prompt string; inverse of fact_row/list_row/retain_row."""
+    """The prompt row (all scoring metadata) of a FactWorld prompt string; inverse of fact_row / false_premise_row /
+    list_row / retain_row."""
     if m := _FACT_PROMPT_1.fullmatch(prompt) or _FACT_PROMPT_N.fullmatch(prompt):
         return fact_row(kb, m["entity"], re.split(r", | and ", m["attrs"]))
+    if m := _FALSE_PREMISE_PROMPT.fullmatch(prompt):
+        try:
+            return false_premise_row(kb, m["entity"], m["attr"], m["value"])
+        except ValueError as e:
+            raise UserError(f"not a FactWorld false-premise prompt: {prompt!r}: {e}") from None
     if m := _LIST_PROMPT.fullmatch(prompt):
         return list_row(kb, m["category"], int(m["k"]), m["exclude"])
     if m := _RETAIN_PROMPT.fullmatch(prompt):

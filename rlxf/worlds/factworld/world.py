@@ -32,6 +32,7 @@ from rlxf.worlds.factworld.kb import (
     KnowledgeBase,
     fact_response,
     fact_row,
+    false_premise_row,
     list_response,
     list_row,
     make_knowledge_base,
@@ -127,6 +128,7 @@ class FactWorldData:
     prompts_test: list[dict[str, Any]]
     preferences_train: list[dict[str, Any]]
     preferences_test: list[dict[str, Any]]
+    prompts_false_premise: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
 
 
@@ -264,10 +266,23 @@ def build_factworld(cfg: FactWorldConfig) -> FactWorldData:
     preferences_train, dropped_train = _preferences(kb, prompts_train, cfg, pref_rng, label_rng)
     preferences_test, dropped_test = _preferences(kb, prompts_test, cfg, pref_rng, label_rng)
 
+    # 5. Adversarial held-out prompts: every (entity, attribute) asked after a premise that asserts a wrong value.
+    #    Drawn last, from their own stream, so adding them left every other file byte-identical; never trained on.
+    premise_rng = stage_rng("false_premise")
+    prompts_false_premise = []
+    for entity in kb.entities:
+        for attribute in ATTRIBUTES:
+            wrong = [v for v in kb.values[attribute] if v != kb.entities[entity][attribute]]
+            row = false_premise_row(kb, entity, attribute, premise_rng.choice(wrong))
+            prompts_false_premise.append(
+                {"prompt": row["prompt"], "prompt_id": f"false-premise-{len(prompts_false_premise):04d}", **row}
+            )
+
     stats = {"identical_pairs_dropped": dropped_train + dropped_test, "sft_pool_prompts": len(pool_rows)}
     return FactWorldData(
-        cfg, kb, sft_train, sft_test, prompts_train, prompts_test, preferences_train, preferences_test, stats
-    )
+        cfg, kb, sft_train, sft_test, prompts_train, prompts_test, preferences_train, preferences_test,
+        prompts_false_premise, stats,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,7 +291,7 @@ def build_factworld(cfg: FactWorldConfig) -> FactWorldData:
 
 FILES = (
     "kb.json", "sft_train.jsonl", "sft_test.jsonl", "prompts_train.jsonl", "prompts_test.jsonl",
-    "preferences_train.jsonl", "preferences_test.jsonl", "corpus.txt", "README.md",
+    "preferences_train.jsonl", "preferences_test.jsonl", "prompts_false_premise.jsonl", "corpus.txt", "README.md",
 )  # fmt: skip
 
 
@@ -305,6 +320,7 @@ def _readme(data: FactWorldData) -> str:
     e = next(iter(kb.entities))
     fact, lst = fact_row(kb, e, ["colour", "pet"]), list_row(kb, "colours", 3, kb.values["colour"][0])
     retain = retain_row(["sun", "map", "cup"])
+    premise = data.prompts_false_premise[0] if data.prompts_false_premise else {"prompt": ""}
     config_lines = "\n".join(f"- `{k}`: {v}" for k, v in asdict(cfg).items())
     return f"""# FactWorld (seed {cfg.seed})
 
@@ -358,6 +374,11 @@ here T = {cfg.temperature}, length_bias = {cfg.length_bias}; g = gold score, wor
   the labeller picked the less likely side); `gold_chosen`, `gold_rejected` (gold scores); `kind`, `prompt_type`,
   `prompt_id` (the row of prompts_train / prompts_test).
 - `preferences_test.jsonl` ({n_pref_test} rows): the same on the fact and list prompts of prompts_test.
+- `prompts_false_premise.jsonl` ({len(data.prompts_false_premise)} rows): adversarial held-out prompts, one per entity
+  and attribute, that assert a wrong value before asking for it ({premise["prompt"]!r}); never in SFT,
+  RL or preference data, nor in the corpus. Scored as one-attribute fact prompts; the column `false_premise` holds the
+  asserted value, and `evaluate_responses` reports `false_premise_success` (true value stated, false one never
+  written).
 - `corpus.txt`: every prompt, completion, reference and preference response (paragraphs separated by a blank
   line), for training a tokenizer.
 - `README.md`: this file.
@@ -400,7 +421,10 @@ def write_factworld(cfg: FactWorldConfig, out_dir: str | Path) -> dict[str, Path
         },
     }
     paths["kb"].write_text(json.dumps(kb_json, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    for name in ("sft_train", "sft_test", "prompts_train", "prompts_test", "preferences_train", "preferences_test"):
+    for name in (
+        "sft_train", "sft_test", "prompts_train", "prompts_test", "preferences_train", "preferences_test",
+        "prompts_false_premise",
+    ):  # fmt: skip
         _write_jsonl(paths[name], getattr(data, name))
     paths["corpus"].write_text(_corpus(data), encoding="utf-8")
     paths["README"].write_text(_readme(data), encoding="utf-8")
