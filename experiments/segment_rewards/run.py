@@ -44,7 +44,7 @@ GRANULARITIES = ["sequence", "token", "step", "segment"]
 OPTIMISERS = ["DPO", "PPO", "rejection sampling"]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/experiments/segment_rewards", help="run directory (never committed)")
     p.add_argument("--base", default="runs/experiments/base", help="shared FactWorld base (built if missing)")
@@ -55,9 +55,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rs-steps", type=int, default=15, help="rejection-sampling steps of 32 prompts × 4 samples")
     p.add_argument("--dpo-epochs", type=float, default=2.0, help="DPO passes over the pairs")
     p.add_argument("--eval-samples", type=int, default=2, help="held-out responses per prompt and policy")
-    p.add_argument("--no-readme", action="store_true", help="do not rewrite the results block of README.md")
+    p.add_argument("--optimisers", nargs="+", choices=OPTIMISERS, default=OPTIMISERS, help="optimisers to run")
+    p.add_argument("--granularities", nargs="+", choices=GRANULARITIES, default=GRANULARITIES,
+                   help="credit granularities to run")  # fmt: skip
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite the results block of README.md or the "
+                   "figure; write the figure to --out")  # fmt: skip
     p.add_argument("--progress", action="store_true", help="progress bars")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def cached(out: Path, train) -> dict:
@@ -159,16 +163,23 @@ def pair_statistics(pairs_file: Path, world_dir: Path) -> dict[str, float]:
 def plot(table: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    metrics = [("win", "gold win rate vs SFT"), ("hallucination", "hallucination rate"), ("retain", "retain accuracy")]
-    fig = Figure(figsize=(13, 3.8))
-    for ax, (key, label) in zip(fig.subplots(1, 3), metrics):
-        width = 0.2
-        for j, granularity in enumerate(GRANULARITIES):
-            xs = [i + (j - 1.5) * width for i in range(len(OPTIMISERS))]
-            means = [table[o][granularity][key][0] for o in OPTIMISERS]
-            sds = [table[o][granularity][key][1] for o in OPTIMISERS]
+    metrics = [
+        ("win", "gold win rate vs SFT"),
+        ("hallucination", "hallucination rate"),
+        ("retain", "retain accuracy"),
+        ("false_premise", "false-premise success"),
+    ]
+    optimisers = list(table)
+    granularities = list(next(iter(table.values())))
+    fig = Figure(figsize=(16, 3.8))
+    for ax, (key, label) in zip(fig.subplots(1, len(metrics)), metrics):
+        width = 0.8 / len(granularities)
+        for j, granularity in enumerate(granularities):
+            xs = [i + (j - (len(granularities) - 1) / 2) * width for i in range(len(optimisers))]
+            means = [table[o][granularity][key][0] for o in optimisers]
+            sds = [table[o][granularity][key][1] for o in optimisers]
             ax.bar(xs, means, width, yerr=sds, label=granularity, capsize=2)
-        ax.set_xticks(range(len(OPTIMISERS)), OPTIMISERS)
+        ax.set_xticks(range(len(optimisers)), optimisers)
         ax.set_title(label)
     fig.axes[0].axhline(0.5, color="grey", linewidth=0.8)
     fig.axes[0].legend(fontsize=8, title="granularity")
@@ -176,8 +187,8 @@ def plot(table: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("rlxf", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -188,8 +199,8 @@ def main() -> None:
         base["implicit_rm"] = factworld_implicit_rm(base, progress=args.progress)
 
     runs: dict[str, dict] = {}
-    for optimiser in OPTIMISERS:
-        for granularity in GRANULARITIES:
+    for optimiser in args.optimisers:
+        for granularity in args.granularities:
             for seed in args.seeds:
                 name = slug(optimiser, granularity, seed)
                 runs[name] = run_one(args, base, optimiser, granularity, seed, out / name)
@@ -208,6 +219,19 @@ def main() -> None:
         )
     )
     evals = summary["policies"]
+    # The paper's adversarial claim: the same policies on held-out false-premise prompts (FactWorld asserts a wrong
+    # value, then asks for it; success = the true value stated, the false one never written).
+    adversarial = run_eval(
+        EvalConfig(
+            policies=[str(base["sft"])] + [str(out / n / "final") for n in runs],
+            names=names,
+            world=str(base["world"]),
+            prompts_file=str(base["world"] / "prompts_false_premise.jsonl"),
+            out=str(out / "eval_false_premise"),
+            samples_per_prompt=args.eval_samples,
+            generation=GenerationSettings(max_new_tokens=48, temperature=1.0, batch_size=64),
+        )
+    )["policies"]
 
     quality = {}
     sources = {"BT increments (rm:token)": f"rm:{base['rm']}:token", "gold (factworld:token)": None}
@@ -215,7 +239,8 @@ def main() -> None:
     if "implicit_rm" in base:
         sources["likelihood-ratio RM (dpo:IMPLICIT_RM)"] = f"dpo:{base['implicit_rm']}:{base['sft']}"
     dpo_dir = out / slug("DPO", "sequence", args.seeds[0])
-    sources["DPO implicit (dpo:DIR)"] = f"dpo:{dpo_dir / 'final'}:{base['sft']}"
+    if (dpo_dir / "final").exists():
+        sources["DPO implicit (dpo:DIR)"] = f"dpo:{dpo_dir / 'final'}:{base['sft']}"
     for label, spec in sources.items():
         quality[label] = run_segment_quality(
             SegmentQualityConfig(
@@ -228,8 +253,8 @@ def main() -> None:
         )
 
     table: dict[str, dict[str, dict[str, tuple[float, float]]]] = {}
-    for optimiser in OPTIMISERS:
-        for granularity in GRANULARITIES:
+    for optimiser in args.optimisers:
+        for granularity in args.granularities:
             e = [evals[slug(optimiser, granularity, s)] for s in args.seeds]
             table.setdefault(optimiser, {})[granularity] = {
                 "win": mean_sd([x["win_rate"] for x in e]),
@@ -237,14 +262,20 @@ def main() -> None:
                 "hallucination": mean_sd([x["hallucination_rate"] for x in e]),
                 "retain": mean_sd([x["retain_accuracy"] for x in e]),
                 "kl": mean_sd([x["kl_to_reference"] for x in e]),
+                "false_premise": mean_sd(
+                    [adversarial[slug(optimiser, granularity, s)]["false_premise_success"] for s in args.seeds]
+                ),
                 "kept": mean_sd([kept_fraction(runs[slug(optimiser, granularity, s)]["history"]) for s in args.seeds]),
             }
-    (HERE / "figures").mkdir(exist_ok=True)
     figure = f"quality_{args.token_reward}.png"
-    plot(table, HERE / "figures" / figure)
+    figures = out if args.no_readme else HERE / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    plot(table, figures / figure)
     results = {
         "table": table,
         "sft": evals["sft"],
+        "sft_false_premise": adversarial["sft"],
+        "per_run_false_premise": adversarial,
         "segmentation_quality": quality,
         "pairs": pair_statistics(base["pairs"], base["world"]),
         "per_run": evals,
@@ -262,6 +293,7 @@ def main() -> None:
         head, _, rest = text.partition(f"<!-- {marker} -->")
         _, _, tail = rest.partition(f"<!-- /{marker} -->")
         readme.write_text(f"{head}<!-- {marker} -->\n{block}\n<!-- /{marker} -->{tail}")
+    return results
 
 
 def kept_fraction(history: dict) -> float:
@@ -277,15 +309,16 @@ def render(results: dict, args, figure: str) -> str:
     sft = results["sft"]
     lines = [
         "| optimiser | granularity | gold win rate vs SFT | gold score | hallucination | retain accuracy | KL to SFT | "
-        "tokens trained on |",
-        "|---|---|---|---|---|---|---|---|",
+        "false-premise success | tokens trained on |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| SFT | – | 0.500 | {sft['gold_score']:.3f} | {sft['hallucination_rate']:.3f} | "
-        f"{sft['retain_accuracy']:.3f} | 0 | – |",
+        f"{sft['retain_accuracy']:.3f} | 0 | {results['sft_false_premise']['false_premise_success']:.3f} | – |",
     ]
     for optimiser, rows in results["table"].items():
         for granularity, m in rows.items():
             cells = " | ".join(
-                f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in ("win", "gold", "hallucination", "retain", "kl")
+                f"{m[k][0]:.3f} ± {m[k][1]:.3f}"
+                for k in ("win", "gold", "hallucination", "retain", "kl", "false_premise")
             )
             lines.append(f"| {optimiser} | {granularity} | {cells} | {m['kept'][0]:.2f} |")
     q_lines = [
