@@ -14,6 +14,7 @@ from rlxf.worlds.factworld import (
     MISSING_PENALTY,
     FactWorldConfig,
     KnowledgeBase,
+    abstention_response,
     build_factworld,
     evaluate_responses,
     fact_row,
@@ -438,6 +439,7 @@ def test_evaluate_responses_by_hand():
         "num_fact": 2.0,
         "num_list": 1.0,
         "num_retain": 2.0,
+        "abstention_rate": 0.0,
         "false_premise_success": float("nan"),
         "num_false_premise": 0.0,
     }
@@ -528,3 +530,44 @@ def test_false_premise_prompts_are_held_out(world):
     assert not any(p in corpus for p in premise_prompts)
     references = [r["reference"] for r in rows]
     assert world.evaluate(rows, references)["false_premise_success"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Abstention ("I don't know.")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_abstention_scores_between_a_wrong_and_a_right_answer():
+    row = fact_row(KB, "Zorbin", ["colour"])
+    right, wrong, abstain = " Zorbin's colour is red.", " Zorbin's colour is blue.", abstention_response()
+    assert abstain == " I don't know."
+    assert [score_response(row, y).score for y in (wrong, abstain, right)] == [-1.0, 0.0, 1.0]
+    assert score_response(row, "I don't know.  ").score == 0.0  # outer whitespace does not matter
+    assert score_response(COLOUR_PET, abstain).score == 0.0  # k facts asked: still 0, nothing is missing-penalised
+    # The labeller (T = 0.5): abstaining beats a wrong answer and loses to a right one, each with p = σ(2).
+    p_abstain, _ = simulated_preference(row, abstain, wrong, 0.5, 0.0, _FixedRng(0.0))
+    p_right, _ = simulated_preference(row, right, abstain, 0.5, 0.0, _FixedRng(0.0))
+    assert p_abstain == pytest.approx(_sigmoid(2.0)) and p_right == pytest.approx(_sigmoid(2.0))
+    metrics = evaluate_responses([row, row, row, REVERSE], [abstain, right, abstain, " cup map sun"])
+    assert metrics["abstention_rate"] == 2 / 3 and metrics["hallucination_rate"] == 0.0
+
+
+def test_abstain_prob_puts_abstentions_in_sft_and_preference_data(tmp_path):
+    default = build_factworld(FactWorldConfig(seed=0, num_train_prompts=60, num_test_prompts=30))
+    none = build_factworld(FactWorldConfig(seed=0, num_train_prompts=60, num_test_prompts=30, abstain_prob=0.0))
+    assert none.sft_train == default.sft_train and none.preferences_train == default.preferences_train
+    data = build_factworld(FactWorldConfig(seed=0, num_train_prompts=60, num_test_prompts=30, abstain_prob=0.2))
+    fact_prompts = {r["prompt"] for r in data.prompts_train if r["kind"] == "fact"}
+    sft_fact = [r for r in data.sft_train if r["prompt"].startswith("Q: What ")]
+    abstained = [r for r in sft_fact if r["completion"] == abstention_response()]
+    assert 0.1 < len(abstained) / len(sft_fact) < 0.3
+    others = [r for r in data.sft_train if not r["prompt"].startswith("Q: What ")]
+    assert not any(r["completion"] == abstention_response() for r in others)  # fact prompts only
+    pairs = [r for r in data.preferences_train if r["prompt"] in fact_prompts]
+    with_abstention = [r for r in pairs if abstention_response() in (r["chosen"], r["rejected"])]
+    assert with_abstention
+    for r in with_abstention:  # gold of the abstention side is 0; the other side's sign decides the labeller's lean
+        side = "gold_chosen" if r["chosen"] == abstention_response() else "gold_rejected"
+        assert r[side] == 0.0
+    with pytest.raises(ConfigError, match="abstain_prob"):
+        FactWorldConfig(abstain_prob=1.5)

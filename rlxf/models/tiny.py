@@ -40,7 +40,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 """Named model tiers (`--size`). With a 512-token vocabulary (tied embeddings) they hold about 0.59M, 2.46M and
 6.43M parameters; one tier to the next is ~4x / ~2.6x the parameters and roughly that much more CPU time per token
-(`tests/test_tiny_model.py` pins the counts; docs/methods/judges.md gives measured SFT times). "tiny" is the demo's
+(`tests/test_tiny_model.py` pins the counts; `experiments/judges/README.md` gives measured training times). "tiny" is the demo's
 model."""
 
 

@@ -52,6 +52,7 @@ from rlxf.worlds.factworld.human import (
     simulated_preference,
 )
 from rlxf.worlds.factworld.kb import (
+    ABSTENTION,
     ATTRIBUTE_VALUES,
     ATTRIBUTES,
     KINDS,
@@ -61,6 +62,7 @@ from rlxf.worlds.factworld.kb import (
     RETAIN_WORDS,
     FactWorldConfig,
     KnowledgeBase,
+    abstention_response,
     fact_response,
     fact_row,
     fact_sentence,
@@ -85,6 +87,8 @@ from rlxf.worlds.factworld.world import (
 )
 
 __all__ = [
+    "ABSTENTION",
+    "abstention_response",
     "ATTRIBUTES",
     "ATTRIBUTE_VALUES",
     "FILES",

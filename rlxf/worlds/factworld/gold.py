@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlxf.worlds.factworld.kb import KINDS
+from rlxf.worlds.factworld.kb import ABSTENTION, KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,9 @@ def score_response(
     kind = prompt_row.get("kind")
     if kind not in _JUDGES:
         raise ValueError(f"prompt row kind must be one of {KINDS}, got {kind!r}; build rows with parse_prompt()")
+    if kind == "fact" and response.strip() == ABSTENTION:
+        # Abstaining states nothing wrong and nothing right: 0, between a wrong answer (< 0) and a right one (> 0).
+        return GoldScore(score=0.0, raw=0.0, k=prompt_row["k"], n_missing=0, verdicts=())
     verdicts, n_missing = _JUDGES[kind](prompt_row, response, unrequested_penalty)
     raw = sum(v.reward for v in verdicts) - missing_penalty * n_missing
     k = prompt_row["k"]
@@ -189,6 +192,7 @@ def evaluate_responses(prompt_rows: Sequence[Mapping[str, Any]], responses: Sequ
     retain_accuracy       share of retain responses equal to the reference after stripping outer whitespace
     list_validity         share of list responses that are perfect: exactly k distinct valid items, nothing else
     mean_length_words     mean whitespace-separated words per response
+    abstention_rate       share of fact responses that are the abstention answer "I don't know."
     false_premise_success on false-premise prompts (`false_premise_row`): share of responses that state the true
                           value of the asked attribute first and never write the premise's false value
     num_fact / num_list / num_retain / num_false_premise   rows of each kind (false-premise rows are fact rows)
@@ -211,6 +215,7 @@ def evaluate_responses(prompt_rows: Sequence[Mapping[str, Any]], responses: Sequ
     )
     out["list_validity"] = _mean([float(scores[i].perfect) for i in by_kind["list"]])
     out["mean_length_words"] = _mean([float(len(y.split())) for y in responses])
+    out["abstention_rate"] = _mean([float(responses[i].strip() == ABSTENTION) for i in fact])
     adversarial = [i for i in fact if prompt_rows[i].get("false_premise")]
     out["false_premise_success"] = _mean(
         [float(_resists(prompt_rows[i], scores[i], responses[i])) for i in adversarial]

@@ -86,6 +86,10 @@ class FactWorldConfig:
     one-fact difference in a 3-fact answer the right way 79% of the time."""
     length_bias: float = 0.0
     """Labeller length bias lambda_len: adds lambda_len * (len(a)-len(b)) / 4 words to the logit of P(a>b)."""
+    abstain_prob: float = 0.0
+    """Probability that an SFT completion or a preference response to a fact prompt is the abstention answer
+    " I don't know." (gold score 0: above a wrong answer, below a right one, so the labeller prefers abstaining to
+    a wrong answer and a right answer to abstaining). 0 (the default) leaves every data file as it was."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,7 +122,7 @@ class FactWorldConfig:
             (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = hard labels)"),
             (math.isfinite(self.length_bias), f"length_bias={self.length_bias} must be finite"),
         ]
-        for name in ("sft_fact_accuracy", "omit_prob", "extra_prob"):
+        for name in ("sft_fact_accuracy", "omit_prob", "extra_prob", "abstain_prob"):
             value = getattr(self, name)
             checks.append((0.0 <= value <= 1.0, f"{name}={value} must be a probability in [0, 1]"))
         for ok, message in checks:
@@ -198,6 +202,14 @@ def _row(kind: str, prompt: str, k: int, reference: str, **meta: Any) -> dict[st
         raise ValueError(f"unknown prompt-row columns {sorted(unknown)}")
     row.update(meta)
     return row
+
+
+ABSTENTION = "I don't know."
+"""The abstention answer to a fact prompt (`FactWorldConfig.abstain_prob`); its gold score is 0."""
+
+
+def abstention_response() -> str:
+    return " " + ABSTENTION
 
 
 def fact_sentence(entity: str, attribute: str, value: str) -> str:

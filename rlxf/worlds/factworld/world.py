@@ -30,6 +30,7 @@ from rlxf.worlds.factworld.kb import (
     RETAIN_SIZES,
     FactWorldConfig,
     KnowledgeBase,
+    abstention_response,
     fact_response,
     fact_row,
     false_premise_row,
@@ -64,6 +65,7 @@ def noisy_response(
     accuracy: float,
     omit_prob: float = 0.0,
     extra_prob: float = 0.0,
+    abstain_prob: float = 0.0,
 ) -> str:
     """A response in the world's format whose facts / list items are each right with probability `accuracy`.
 
@@ -71,11 +73,15 @@ def noisy_response(
     extra_prob one unrequested attribute is added at the end; each stated value is the truth with probability
     `accuracy`, otherwise uniform among the attribute's other values. List: same with items; a wrong item is a
     repeat, the excluded item or an item of another category. Retain: always the reference (SFT teaches the skill).
+    A fact response is the abstention answer with probability `abstain_prob` (no draw at all when it is 0, so the
+    other draws stay as they were).
     """
     kind = row["kind"]
     if kind == "retain":
         return row["reference"]
     if kind == "fact":
+        if abstain_prob > 0 and rng.random() < abstain_prob:
+            return abstention_response()
         attributes, truth = list(row["attributes"]), row["truth"]
         stated = [a for a, keep in zip(attributes, _keep_count(len(attributes), omit_prob, rng)) if keep]
         unasked = [a for a in ATTRIBUTES if a not in attributes]
@@ -178,7 +184,10 @@ def _preferences(
         if row["kind"] == "retain":  # the forgetting probe never enters preference data
             continue
         for _ in range(cfg.pairs_per_prompt):
-            a, b = (noisy_response(kb, row, rng, cfg.sft_fact_accuracy, cfg.omit_prob, cfg.extra_prob) for _ in "ab")
+            a, b = (
+                noisy_response(kb, row, rng, cfg.sft_fact_accuracy, cfg.omit_prob, cfg.extra_prob, cfg.abstain_prob)
+                for _ in "ab"
+            )
             if a == b:
                 identical += 1
                 continue
@@ -247,7 +256,10 @@ def build_factworld(cfg: FactWorldConfig) -> FactWorldData:
     pool_rows = [fact_row(kb, e, a) for e, a in all_facts if (e, a) not in held_out_facts]
     pool_rows += [list_row(kb, *x) for x in all_lists if x not in held_out_lists]
     sft_train = [
-        {"prompt": row["prompt"], "completion": noisy_response(kb, row, sft_rng, cfg.sft_fact_accuracy)}
+        {
+            "prompt": row["prompt"],
+            "completion": noisy_response(kb, row, sft_rng, cfg.sft_fact_accuracy, abstain_prob=cfg.abstain_prob),
+        }
         for row in pool_rows
         for _ in range(cfg.sft_completions_per_prompt)
     ]
@@ -257,7 +269,10 @@ def build_factworld(cfg: FactWorldConfig) -> FactWorldData:
     ]
     sft_rng.shuffle(sft_train)
     sft_test = [
-        {"prompt": row["prompt"], "completion": noisy_response(kb, row, sft_rng, cfg.sft_fact_accuracy)}
+        {
+            "prompt": row["prompt"],
+            "completion": noisy_response(kb, row, sft_rng, cfg.sft_fact_accuracy, abstain_prob=cfg.abstain_prob),
+        }
         for row in prompts_test
     ]
 
@@ -321,6 +336,14 @@ def _readme(data: FactWorldData) -> str:
     fact, lst = fact_row(kb, e, ["colour", "pet"]), list_row(kb, "colours", 3, kb.values["colour"][0])
     retain = retain_row(["sun", "map", "cup"])
     premise = data.prompts_false_premise[0] if data.prompts_false_premise else {"prompt": ""}
+    abstain_note = (
+        f"\n\nWith `abstain_prob` = {cfg.abstain_prob}, each SFT completion and preference response to a fact prompt is "
+        f"the abstention answer {abstention_response()!r} with that probability. Its gold score is 0 (a wrong answer "
+        "scores below 0, a right one above), so the labeller prefers abstaining to a wrong answer and a right answer "
+        "to abstaining."
+        if cfg.abstain_prob
+        else ""
+    )
     config_lines = "\n".join(f"- `{k}`: {v}" for k, v in asdict(cfg).items())
     return f"""# FactWorld (seed {cfg.seed})
 
@@ -385,7 +408,7 @@ here T = {cfg.temperature}, length_bias = {cfg.length_bias}; g = gold score, wor
 
 Preference responses follow the SFT noise, and also leave out each requested fact / item with probability
 {cfg.omit_prob} (at least one kept) and add one unrequested fact / one item beyond k with probability
-{cfg.extra_prob}. So chosen responses often hold wrong facts and rejected ones right facts.
+{cfg.extra_prob}. So chosen responses often hold wrong facts and rejected ones right facts.{abstain_note}
 
 Prompt row columns (every row has all of them; null or [] where one does not apply to the kind):
 
