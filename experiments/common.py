@@ -34,8 +34,11 @@ from rlxf.worlds.factworld import FactWorldConfig, write_factworld  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
-def factworld_base(root: str | Path, seed: int = 0, progress: bool = True) -> dict[str, Path]:
-    """Build (or reuse) the base under `root`; returns the paths: world, sft, pairs, rm."""
+def factworld_base(
+    root: str | Path, seed: int = 0, progress: bool = True, world: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """Build (or reuse) the base under `root`; returns the paths: world, sft, pairs, rm. `world` overrides
+    FactWorldConfig fields (e.g. {"abstain_prob": 0.1}) for a variant base under another root."""
     root = Path(root)
     cfg = DemoConfig(seed=seed, progress=progress)
     paths = {
@@ -62,7 +65,12 @@ def factworld_base(root: str | Path, seed: int = 0, progress: bool = True) -> di
     if not (paths["world"] / "README.md").exists():
         logger.info("base: writing FactWorld")
         write_factworld(
-            FactWorldConfig(seed=seed, num_train_prompts=cfg.num_train_prompts, num_test_prompts=cfg.num_test_prompts),
+            FactWorldConfig(
+                seed=seed,
+                num_train_prompts=cfg.num_train_prompts,
+                num_test_prompts=cfg.num_test_prompts,
+                **(world or {}),
+            ),
             paths["world"],
         )
     if not (paths["tiny"] / "config.json").exists():
@@ -225,6 +233,23 @@ def ppo_arm(sft: str | Path, world: str | Path, spec: str, seed: int, out: Path,
     record = {"history": result["history"], "seconds": time.perf_counter() - start}
     done.write_text(json.dumps(record))
     return record
+
+
+def greedy_answers(
+    model_dir: str | Path, prompts: Any, max_new_tokens: int = 63, batch_size: int = 32
+) -> dict[str, str]:
+    """The greedy answer (text, stripped) of the causal LM at `model_dir` to each distinct prompt string."""
+    from rlxf.data.tokenize import encode_prompts
+    from rlxf.hf import load_policy
+    from rlxf.sampling import decode_samples, generate
+
+    unique = sorted(set(prompts))
+    model, tokenizer = load_policy(str(model_dir))
+    rows = encode_prompts([{"prompt": p} for p in unique], tokenizer)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    samples = generate(model, [r["prompt_ids"] for r in rows], eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, settings=settings)  # fmt: skip
+    return {p: t[0].strip() for p, t in zip(unique, decode_samples(tokenizer, samples))}
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

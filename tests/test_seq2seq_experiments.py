@@ -84,3 +84,44 @@ def test_ood_holds_entities_out_of_every_rm(factworld_base_dir, tmp_path):
                                      "likelihood-ratio RM", "seq2seq RM"}  # fmt: skip
     assert results["table"]["seq2seq RM"]["out of distribution"]["pairs"] > 0
     assert (ROOT / "experiments/seq2seq_rm/README.md").read_text() == readme
+
+
+def test_refusal_runs_every_arm_and_counts_abstentions(factworld_base_dir, factworld_dir, tmp_path):
+    """The small base with its world rewritten with abstain_prob 0.3 (the same config otherwise): the experiment's
+    stages run (SFT is the fixture's, so reused), and its refusal rates match the written responses."""
+    import shutil
+
+    from rlxf.worlds.factworld import ABSTENTION, FactWorldConfig, write_factworld
+
+    run = _load("refusal")
+    config = json.loads((factworld_dir / "kb.json").read_text())["config"]
+    shutil.rmtree(factworld_base_dir / "world")
+    write_factworld(FactWorldConfig(**{**config, "abstain_prob": 0.3}), factworld_base_dir / "world")
+    out = tmp_path / "out"
+    results = run.main(["--base", str(factworld_base_dir), "--out", str(out), "--abstain-prob", "0.3", "--seeds",
+                        "0", "--steps", "2", "--prompts-per-step", "4", "--eval-samples", "1", "--no-readme"])  # fmt: skip
+
+    assert set(results["table"]) == {"BT RM", "seq2seq RM", "gold (control)"}
+    assert results["pairs_with_abstention"] > 0 and 0.0 <= results["abstention_chosen"] <= 1.0
+    assert (out / "refusal.png").exists()
+    # Hand count on the written responses of one policy: abstentions among its fact answers.
+    rows = [json.loads(x) for x in (out / "eval" / "responses_BT-s0.jsonl").open()]
+    facts = [r for r in rows if r["prompt"].startswith("Q: What ")]
+    expected = sum(r["response"].strip() == ABSTENTION for r in facts) / len(facts)
+    assert results["table"]["BT RM"]["refusal on all fact prompts"][0] == pytest.approx(expected)
+    with pytest.raises(SystemExit, match="abstain_prob 0.3"):
+        run.main(["--base", str(factworld_base_dir), "--out", str(out), "--abstain-prob", "0.1", "--no-readme"])
+
+
+def test_refusal_rates_by_hand(tmp_path):
+    run = _load("refusal")
+    rows = [
+        {"prompt": "Q: What is the colour of A?\nA:", "response": " I don't know."},
+        {"prompt": "Q: What is the colour of A?\nA:", "response": " A's colour is red."},
+        {"prompt": "Q: What is the pet of B?\nA:", "response": " I don't know."},
+        {"prompt": "Q: Name 2 pets.\nA:", "response": " I don't know."},  # not a fact prompt: not counted
+    ]
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rates = run.refusal_rates(path, known={"Q: What is the colour of A?\nA:"})
+    assert rates == {"refusal on known prompts": 0.5, "refusal on all fact prompts": 2 / 3}

@@ -41,7 +41,7 @@ from rlxf.data.formats import (
 )
 from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.feedback.label import LabelConfig, as_text, build_template  # noqa: E402
-from rlxf.feedback.prompts import build_prompt  # noqa: E402
+from rlxf.feedback.prompts import build_cot_scoring_prompt, build_prompt, build_rationale_prompt  # noqa: E402
 from rlxf.trainers.sft import SFTConfig, train_sft  # noqa: E402
 from rlxf.worlds.factworld import load_factworld  # noqa: E402
 from rlxf.worlds.factworld.world import _preferences  # noqa: E402
@@ -66,21 +66,47 @@ def write_preamble(path: str | Path) -> Path:
     return path
 
 
+REFERENCE_MAX_TOKENS = 64
+"""Longest rationale the reference-guided judge writes (its own answer to the question: ≤ 4 facts, ~45 tokens)."""
+
+
 def judge_label_config(
-    preamble_file: str | Path, input: str = "", out: str = "", backend: BackendConfig | None = None, **kw: Any
+    preamble_file: str | Path,
+    input: str = "",
+    out: str = "",
+    backend: BackendConfig | None = None,
+    cot: bool = False,
+    **kw: Any,
 ) -> LabelConfig:
-    """The one labelling config of this experiment: task "helpful" layout (Context / Response 1 / Response 2, ending
-    "Preferred Response="), the FactWorld preamble from a file, no chain of thought, 0-shot. The judge is trained on
-    the prompts of this config and labels with it."""
+    """The labelling config of this experiment: task "helpful" layout (Context / Response 1 / Response 2, ending
+    "Preferred Response="), the FactWorld preamble from a file, 0-shot. Without `cot` the label is read straight after
+    the sample; with it, the paper's two-step chain of thought (the helpful CoT ending of its Table 21, then
+    "Rationale:"), where the reference-guided judge writes its own answer to the question as the rationale. The
+    judge is trained on the prompts of this config and labels with it."""
+    if cot:
+        kw.setdefault("rationale_max_tokens", REFERENCE_MAX_TOKENS)
     return LabelConfig(
         input=input,
         out=out or "runs/labels.jsonl",
         backend=backend or BackendConfig(),
         task="helpful",
         preamble_file=str(preamble_file),
-        cot=False,
+        cot=cot,
         **kw,
     )
+
+
+def reference_answers(model_dir: str | Path, contexts: Iterable[str], batch_size: int = 32) -> dict[str, str]:
+    """The greedy answer of the causal LM at `model_dir` to each context ("Q: ...\nA:"), as it answers a user.
+
+    These are the reference-guided judge's rationale targets (docs/methods/rlaif.md, "reference-guided chain of
+    thought"): the judge learns to write down what *it* believes the answer is before it compares two answers, as an
+    LLM judge that solves the question first (Zheng et al. 2023, arXiv 2306.05685, §3.4). The answers come from the
+    SFT policy the judge starts from, never from the world's knowledge base, so they carry the policy's own mistakes.
+    """
+    from experiments.common import greedy_answers
+
+    return greedy_answers(model_dir, contexts, max_new_tokens=REFERENCE_MAX_TOKENS - 1, batch_size=batch_size)
 
 
 def label_triple(row: dict[str, Any]) -> tuple[str, str, str]:
@@ -109,15 +135,22 @@ def pair_keys(path: str | Path) -> set[tuple[str, frozenset[str]]]:
 
 
 def build_judge_rows(
-    cfg: LabelConfig, preferences_file: str | Path, exclude_pairs: Iterable[str | Path] = ()
+    cfg: LabelConfig,
+    preferences_file: str | Path,
+    exclude_pairs: Iterable[str | Path] = (),
+    references: dict[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """SFT rows that teach a model to answer the labelling prompt of `cfg` like the simulated human.
 
     Each human-labelled pair (chosen, rejected) of `preferences_file` gives two rows: prompt(chosen, rejected) with
     completion "1" and prompt(rejected, chosen) with completion "2". Pairs also present in any `exclude_pairs` file
     (same context and the same two responses, either order) are left out. Returns the rows (both orders of a pair
-    next to each other; extra columns context / response_1 / response_2 / pair_index / order) and counts {pairs,
-    excluded, rows}.
+    next to each other; extra columns context / response_1 / response_2 / pair_index / order / step) and counts
+    {pairs, excluded, rows}.
+
+    With chain of thought (`cfg.cot`), `references` maps each context to the judge's rationale (`reference_answers`)
+    and every order gives two rows: step 1, the rationale prompt whose completion is " " + the reference answer, and
+    step 2, the scoring prompt with that rationale whose completion is the label.
     """
     excluded = set()
     for path in exclude_pairs:
@@ -131,17 +164,26 @@ def build_judge_rows(
             n_excluded += 1
             continue
         for order, (first, second, label) in enumerate(((chosen, rejected, "1"), (rejected, chosen, "2"))):
+            meta = {
+                "context": context,
+                "response_1": first,
+                "response_2": second,
+                "pair_index": i,
+                "order": "chosen_first" if order == 0 else "chosen_second",
+            }
+            if not template.cot:
+                rows.append({"prompt": build_prompt(template, context, first, second), "completion": label, **meta})
+                continue
+            if references is None or context not in references:
+                raise ValueError(f"chain of thought needs the judge's reference answer for {context!r}")
+            rationale = " " + references[context]
             rows.append(
-                {
-                    "prompt": build_prompt(template, context, first, second),
-                    "completion": label,
-                    "context": context,
-                    "response_1": first,
-                    "response_2": second,
-                    "pair_index": i,
-                    "order": "chosen_first" if order == 0 else "chosen_second",
-                }
+                {"prompt": build_rationale_prompt(template, context, first, second), "completion": rationale}
+                | meta
+                | {"step": "rationale"}
             )
+            scoring = build_cot_scoring_prompt(template, context, first, second, rationale)
+            rows.append({"prompt": scoring, "completion": label} | meta | {"step": "label"})
     return rows, {"pairs": len(pairs), "excluded": n_excluded, "rows": len(rows)}
 
 
@@ -295,6 +337,7 @@ def prepare_judge_data(
     extra_pairs_per_prompt: int = 0,
     val_pairs: int = 0,
     seed: int = 0,
+    reference_model: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write out/preamble.txt and out/judge_train.jsonl from the world's preferences_train.jsonl, excluding the
     pairs of `pairs`; assert disjointness. Returns paths and counts.
@@ -303,10 +346,12 @@ def prepare_judge_data(
     human (`simulated_human_pairs`, written to out/extra_preferences.jsonl; out/judge_preferences.jsonl holds all the
     judge's pairs). `val_pairs` > 0 writes out/judge_val.jsonl, that many fresh pairs of the same distribution kept out
     of the training rows (and of the world's preferences_train and `pairs`), to choose a recipe by.
+    `reference_model` switches on the reference-guided chain of thought: its greedy answers (`reference_answers`,
+    written to out/references.json) become the rationales of the rows.
     """
     out = Path(out)
     preamble = write_preamble(out / "preamble.txt")
-    cfg = judge_label_config(preamble)
+    cfg = judge_label_config(preamble, cot=reference_model is not None)
     prefs = Path(preferences_file or Path(world) / "preferences_train.jsonl")
     exclude: list[str | Path] = [pairs]
     result: dict[str, Any] = {"preamble": preamble}
@@ -322,7 +367,11 @@ def prepare_judge_data(
         combined = out / "judge_preferences.jsonl"
         write_jsonl(combined, [json.loads(line) for line in prefs.read_text().splitlines() if line.strip()] + extra)
         prefs = combined
-    rows, counts = build_judge_rows(cfg, prefs, exclude_pairs=exclude)
+    references = None
+    if reference_model is not None:
+        references = reference_answers(reference_model, (label_triple(r)[0] for r in load_label_pairs(str(prefs))))
+        (out / "references.json").write_text(json.dumps(references, indent=1), encoding="utf-8")
+    rows, counts = build_judge_rows(cfg, prefs, exclude_pairs=exclude, references=references)
     for path in exclude:
         assert_disjoint(rows, path)
     counts["extra_pairs"] = len(extra)

@@ -109,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train only on rows whose two responses have the same word count (judge.same_length): a hypothesis "
         "test that removes the length shortcut, not a recipe",
     )
+    p.add_argument(
+        "--reference-cot",
+        action="store_true",
+        help="reference-guided chain of thought: the judge first writes its own answer to the question (rationale "
+        "targets: the start model's greedy answers, judge.reference_answers), then labels (the paper's 2-step CoT)",
+    )
     p.add_argument("--epochs", type=float, default=3.0, help="passes over the judge rows")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="rows per optimiser step")
@@ -152,6 +158,7 @@ def evaluate(model: Path, preamble: Path, src: Path, out: Path, args: argparse.N
         out=str(out),
         backend=BackendConfig(kind="local", model=str(model), batch_size=args.label_batch_size),
         progress=args.progress,
+        cot=args.reference_cot,
     )
     metrics = json.loads(Path(run_label(cfg)["metrics"]).read_text())
     labelled = read_jsonl(out)  # chosen = the judge's choice; gold_chosen / gold_rejected follow it
@@ -255,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
             extra_pairs_per_prompt=args.extra_pairs,
             val_pairs=args.val_pairs,
             seed=args.data_seed,
+            reference_model=(args.model or base / "sft" / "final") if args.reference_cot else None,
         )
         preamble, val_file, train_file = data["preamble"], data["val_file"], data["train_file"]
         rows = read_jsonl(train_file)
@@ -291,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             "extra_pairs_per_prompt": args.extra_pairs,
             "extra_layers": args.extra_layers,
             "same_length_only": args.same_length_only,
+            "reference_cot": args.reference_cot,
             "rows": len(rows),
             "epochs": args.epochs,
             "lr": args.lr,
