@@ -242,3 +242,48 @@ def test_alignment_split_by_response_length():
     assert math.isclose(sum(v["alignment"] * v["n"] for v in split.values()) / len(rows), overall)
     # a class with no rows has no alignment (not 0)
     assert alignment_by_length(rows[:2])["different_length"] == {"alignment": None, "n": 0}
+
+
+class ReferenceBackend(RecordingBackend):
+    """A labeller that writes the judge rows' rationale after the CoT lead, then answers their labels."""
+
+    def __init__(self, answers: dict[str, set[str]], rationales: dict[str, str]):
+        super().__init__(answers)
+        self.rationales, self.asked_rationale = rationales, []
+
+    def iter_generate(self, prompts, max_new_tokens, temperature=0.0, top_k=0, seed=0):
+        for i, p in enumerate(prompts):
+            text = as_prompt(p).text
+            self.asked_rationale.append(text)
+            yield i, self.rationales[text] + "\nPreferred Response=1"  # run_label cuts the rationale at the ending
+
+
+def test_reference_cot_rows_are_the_labellers_two_steps(factworld_dir, tmp_path, monkeypatch):
+    cfg = judge_label_config(write_preamble(tmp_path / "preamble.txt"), cot=True)
+    raw = read_jsonl(factworld_dir / "preferences_train.jsonl")
+    references = {r["prompt"].strip(): f"{r['prompt'].split()[-2]} reference answer." for r in raw}
+    rows, counts = build_judge_rows(cfg, factworld_dir / "preferences_train.jsonl", references=references)
+    assert counts["rows"] == 4 * len(raw)  # two orders × (rationale step, label step)
+    steps = [r["step"] for r in rows]
+    assert steps[:4] == ["rationale", "label", "rationale", "label"]
+    for rationale_row, label_row in zip(rows[::2], rows[1::2]):
+        assert rationale_row["prompt"].endswith("Rationale:")
+        assert rationale_row["completion"] == " " + references[rationale_row["context"]]
+        assert label_row["prompt"] == rationale_row["prompt"] + rationale_row["completion"] + "\nPreferred Response="
+        assert label_row["completion"] in ("1", "2")
+    assert sum(r["completion"] == "1" for r in rows if r["step"] == "label") == len(raw)
+    with pytest.raises(ValueError, match="reference answer"):
+        build_judge_rows(cfg, factworld_dir / "preferences_train.jsonl", references={})
+
+    answers: dict[str, set[str]] = {}
+    for r in rows[1::2]:
+        answers.setdefault(r["prompt"], set()).add(r["completion"])
+    rationales = {r["prompt"]: r["completion"] for r in rows[::2]}
+    fake = ReferenceBackend(answers, rationales)
+    monkeypatch.setattr(label_module, "build_backend", lambda *a, **kw: fake)
+    cfg.input, cfg.out, cfg.progress = str(factworld_dir / "preferences_train.jsonl"), str(tmp_path / "l.jsonl"), False
+    label_module.run_label(cfg)
+    # The labeller asks exactly the judge's step-1 prompts, then exactly its step-2 prompts.
+    assert set(fake.asked_rationale) == set(rationales) and set(fake.asked) == set(answers)
+    out = read_jsonl(tmp_path / "l.jsonl")
+    assert all(o["rationale_ab"] == " " + references[o["prompt"].strip()] for o in out)
