@@ -196,7 +196,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     done("reward model")
 
     stage("dpo")
-    train_dpo(
+    dpo = train_dpo(
         DPOConfig(
             model=str(sft_model),
             train_file=str(pairs),
@@ -225,6 +225,9 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     figures = plot_demo(root)
     report = root / "report.md"
+    # DPO's policy is itself a reward model, r = β log π_dpo / π_sft (the likelihood-ratio RM of
+    # experiments/judges): its last held-out evaluation ranks the same pairs as the BT RM's accuracy above.
+    summary["dpo_implicit_rm_accuracy"] = dpo["eval"].get("eval/rewards_accuracies", float("nan"))
     report.write_text(render_report(cfg, summary, timings, figures, root))
     (root / "summary.json").write_text(json.dumps({"eval": summary, "timings_s": timings}, indent=2))
     logger.info("report written to %s (total %.0f s)", report, sum(timings.values()))
@@ -321,6 +324,9 @@ Regenerate with `rlxf demo --name {cfg.name}` (settings below). Held-out prompts
 normal-approximation 95% interval.
 
 {markdown_table(summary)}
+DPO policy read as a likelihood-ratio reward model (β log π_dpo / π_sft, `dpo:DIR:SFT`): pairwise accuracy
+{summary.get("dpo_implicit_rm_accuracy", float("nan")):.3f} on the same held-out pairs (ties count as wrong).
+
 ![training curves]({figures["curves"]})
 
 ![gold scores]({figures["gold"]})

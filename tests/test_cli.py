@@ -118,5 +118,8 @@ def test_reduced_demo_writes_the_report(tmp_path):
     run = tmp_path / "mini"
     report = (run / "report.md").read_text()
     assert "| sft |" in report and "| dpo |" in report and "Wall time" in report
+    # The DPO policy's accuracy as a likelihood-ratio RM is its final held-out evaluation, as DPO logged it.
+    last_eval = [json.loads(x) for x in (run / "dpo" / "metrics.jsonl").read_text().splitlines() if "eval/" in x][-1]
+    assert f"pairwise accuracy\n{last_eval['eval/rewards_accuracies']:.3f} on the same held-out pairs" in report
     for png in ("training_curves.png", "gold_scores.png"):
         assert (run / png).stat().st_size > 5000
