@@ -287,3 +287,23 @@ def test_reference_cot_rows_are_the_labellers_two_steps(factworld_dir, tmp_path,
     assert set(fake.asked_rationale) == set(rationales) and set(fake.asked) == set(answers)
     out = read_jsonl(tmp_path / "l.jsonl")
     assert all(o["rationale_ab"] == " " + references[o["prompt"].strip()] for o in out)
+
+
+def test_judges_json_gets_the_labeller_alignment_by_size(tmp_path, monkeypatch):
+    import experiments.rlaif.judge_study as study
+
+    path = tmp_path / "judges.json"
+    path.write_text(json.dumps({"commands": {"rm_accuracy_human_heldout": "x"}, "rm_accuracy_human_heldout": 0.5}))
+    monkeypatch.setattr(study, "JUDGES_JSON", path)
+    records = [
+        {"name": "small", "pairs_alignment": 0.51234, "command": "python s --name small --also-pairs"},
+        {"name": "large", "pairs_alignment": 0.6, "command": "python s --name large --also-pairs"},
+        {"name": "no-pairs", "val_alignment": 0.7},
+    ]
+    study.write_judges_json(records, ["small", "large"])
+    judges = json.loads(path.read_text())
+    assert judges["labeller_alignment_by_size"] == [0.5123, 0.6] and judges["labeller_alignment"] == 0.6
+    assert judges["rm_accuracy_human_heldout"] == 0.5  # other figures are kept
+    assert judges["commands"]["labeller_alignment"] == "python s --name large --also-pairs"
+    with pytest.raises(SystemExit, match="no-pairs"):
+        study.write_judges_json(records, ["small", "no-pairs"])

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ from rlxf.feedback.label import run_label  # noqa: E402
 
 logger = logging.getLogger("rlaif.judge_study")
 STUDY = "runs/experiments/rlaif-judge-study"
+JUDGES_JSON = Path(__file__).resolve().parents[1] / "judges.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,9 +137,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-batch-size", type=int, default=16, help="prompts per forward pass when labelling")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--table", action="store_true", help="print --results as a markdown table and exit")
+    p.add_argument(
+        "--judges-json",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="write experiments/judges.json's labeller_alignment_by_size from these configs of --results (smallest "
+        "labeller first; each needs pairs.jsonl labels: --also-pairs) and labeller_alignment from the last, then exit",
+    )
     args = p.parse_args(argv)
-    if not args.table and not args.name:
-        p.error("--name is required (unless --table)")
+    if not args.table and not args.judges_json and not args.name:
+        p.error("--name is required (unless --table or --judges-json)")
     return args
 
 
@@ -221,6 +231,24 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_judges_json(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Put the labellers' alignment with the simulated human on pairs.jsonl (the pairs experiments/rlaif labels) into
+    experiments/judges.json: `labeller_alignment_by_size` for `names` in order (smallest first), and
+    `labeller_alignment` = the last one's. The command that trained and scored each is stored in `commands`."""
+    by_name = {r["name"]: r for r in records}
+    missing = [n for n in names if n not in by_name or by_name[n].get("pairs_alignment") is None]
+    if missing:
+        raise SystemExit(f"no pairs.jsonl alignment for {missing} in the results; run them with --also-pairs")
+    judges = json.loads(JUDGES_JSON.read_text()) if JUDGES_JSON.exists() else {"commands": {}}
+    judges["labeller_alignment_by_size"] = [round(by_name[n]["pairs_alignment"], 4) for n in names]
+    judges["labeller_alignment"] = judges["labeller_alignment_by_size"][-1]
+    commands = [by_name[n].get("command", f"python experiments/rlaif/judge_study.py --name {n} ...") for n in names]
+    judges["commands"]["labeller_alignment_by_size"] = " && ".join(commands)
+    judges["commands"]["labeller_alignment"] = commands[-1]
+    JUDGES_JSON.write_text(json.dumps(judges, indent=2, sort_keys=True) + "\n")
+    return judges
+
+
 # --- main ------------------------------------------------------------------------------------------------------------
 
 
@@ -229,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results)
     if args.table:
         print(markdown_table(read_jsonl(results)))
+        return
+    if args.judges_json:
+        write_judges_json(read_jsonl(results), args.judges_json)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate"):
@@ -243,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     if run_dir.exists():
         raise SystemExit(f"{run_dir} exists; choose a new --name (run directories are never overwritten)")
     run_dir.mkdir(parents=True)
-    record: dict[str, Any] = {"name": args.name, "base": str(base), "eval_only": args.eval_only}
+    record: dict[str, Any] = {"name": args.name, "base": str(base), "eval_only": args.eval_only,
+                              "command": "python experiments/rlaif/judge_study.py " + shlex.join(argv or sys.argv[1:])}  # fmt: skip
 
     # 1. Data: the validation pairs, and unless --eval-only the judge's rows (both orders of each pair), all disjoint
     #    from the validation pairs and pairs.jsonl. --eval-only writes only the validation file, built by the same
