@@ -42,6 +42,7 @@ Metrics (all on the validation pairs; `pairs_*` the same on pairs.jsonl):
   length (how many facts an answer states) is a usable shortcut;
 - mean_abs_p_minus_half: how far from ½ the judge's P(a ≻ b) is on average (confidence);
 - position_bias: share of pairs where the judge prefers the same slot in both presentation orders;
+  position_bias_slot1_share: among those, the share where it is slot 1;
 - gold_agreement: on pairs with different gold scores, share where the judge's choice has the higher gold score;
 - ceiling: expected alignment of a noiseless gold judge (always picks the gold-better response) with the simulated
   human, mean of max(label_prob, 1 − label_prob); also per length class.
@@ -160,6 +161,13 @@ def ceiling(rows: list[dict[str, Any]]) -> float | None:
     return sum(max(r["label_prob"], 1 - r["label_prob"]) for r in rows) / len(rows) if rows else None
 
 
+def slot_one_share(labelled: list[dict[str, Any]]) -> float | None:
+    """Among pairs where both orders prefer the same slot (position bias), the share where that slot is 1 (the
+    paper's Table 4 reports which slot a biased labeller favours)."""
+    biased = [r for r in labelled if r["same_position"]]
+    return sum(r["p_first_ab"] > 0.5 for r in biased) / len(biased) if biased else None
+
+
 def evaluate(model: Path, preamble: Path, src: Path, out: Path, args: argparse.Namespace, prefix: str) -> dict:
     """Label `src` with the judge (`rlxf label`, local backend, both orders) and score the labels."""
     cfg = judge_label_config(
@@ -187,6 +195,7 @@ def evaluate(model: Path, preamble: Path, src: Path, out: Path, args: argparse.N
         "n_different_length": split["different_length"]["n"],
         "mean_abs_p_minus_half": sum(abs(r["p_a"] - 0.5) for r in labelled) / len(labelled),
         "position_bias": metrics["position_bias"]["rate"],
+        "position_bias_slot1_share": slot_one_share(labelled),
         "gold_agreement": sum(r["gold_chosen"] > r["gold_rejected"] for r in decided) / len(decided),
         "ceiling": ceiling(pairs),
         "ceiling_same_length": ceiling(same),
