@@ -307,16 +307,3 @@ def test_judges_json_gets_the_labeller_alignment_by_size(tmp_path, monkeypatch):
     assert judges["commands"]["labeller_alignment"] == "python s --name large --also-pairs"
     with pytest.raises(SystemExit, match="no-pairs"):
         study.write_judges_json(records, ["small", "no-pairs"])
-
-
-def test_slot_one_share_by_hand():
-    import experiments.rlaif.judge_study as study
-
-    rows = [
-        {"same_position": True, "p_first_ab": 0.7},  # both orders prefer slot 1
-        {"same_position": True, "p_first_ab": 0.2},  # both prefer slot 2
-        {"same_position": True, "p_first_ab": 0.9},
-        {"same_position": False, "p_first_ab": 0.9},  # not position-biased: left out
-    ]
-    assert study.slot_one_share(rows) == 2 / 3
-    assert study.slot_one_share(rows[3:]) is None

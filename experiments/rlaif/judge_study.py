@@ -161,13 +161,6 @@ def ceiling(rows: list[dict[str, Any]]) -> float | None:
     return sum(max(r["label_prob"], 1 - r["label_prob"]) for r in rows) / len(rows) if rows else None
 
 
-def slot_one_share(labelled: list[dict[str, Any]]) -> float | None:
-    """Among pairs where both orders prefer the same slot (position bias), the share where that slot is 1 (the
-    paper's Table 4 reports which slot a biased labeller favours)."""
-    biased = [r for r in labelled if r["same_position"]]
-    return sum(r["p_first_ab"] > 0.5 for r in biased) / len(biased) if biased else None
-
-
 def evaluate(model: Path, preamble: Path, src: Path, out: Path, args: argparse.Namespace, prefix: str) -> dict:
     """Label `src` with the judge (`rlxf label`, local backend, both orders) and score the labels."""
     cfg = judge_label_config(
@@ -195,7 +188,7 @@ def evaluate(model: Path, preamble: Path, src: Path, out: Path, args: argparse.N
         "n_different_length": split["different_length"]["n"],
         "mean_abs_p_minus_half": sum(abs(r["p_a"] - 0.5) for r in labelled) / len(labelled),
         "position_bias": metrics["position_bias"]["rate"],
-        "position_bias_slot1_share": slot_one_share(labelled),
+        "position_bias_slot1_share": metrics["position_bias"]["slot1_share"],
         "gold_agreement": sum(r["gold_chosen"] > r["gold_rejected"] for r in decided) / len(decided),
         "ceiling": ceiling(pairs),
         "ceiling_same_length": ceiling(same),
