@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"rlxf: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    from rlxf.engine import end_distributed_run
+
+    end_distributed_run()  # several CPU processes: exits here, past a gloo teardown that can abort at exit
     return 0
 
 

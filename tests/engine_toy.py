@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlxf.engine import Engine, TrainConfig
+from rlxf.engine import Engine, TrainConfig, end_distributed_run
 from rlxf.trainers.sft import collate_sft, completion_nll
 
 
@@ -57,3 +57,4 @@ if __name__ == "__main__":
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if losses:  # rank 0 only
         Path(result).write_text(json.dumps({"losses": losses, "world_size": world_size}))
+    end_distributed_run()  # a gloo launch can abort at exit after a finished run (see its docstring)

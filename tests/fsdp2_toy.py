@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_toy import toy_rows  # noqa: E402
 
+from rlxf.engine import end_distributed_run  # noqa: E402
 from rlxf.trainers.sft import collate_sft, completion_nll  # noqa: E402
 
 BATCH = 8
@@ -69,17 +70,8 @@ def main(model_dir: str, steps: int, result: str) -> None:
         losses.append(float(total / units))
     if rank == 0:
         Path(result).write_text(json.dumps({"losses": losses, "world_size": world}))
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    end_distributed_run()  # a gloo launch can abort at exit after a finished run (see its docstring)
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
-    # With FSDP2 on gloo, about 1 run in 8 aborts *after* Python has finished ("terminate called without an active
-    # exception", no Python frame): a C++ static destructor meets a still-joinable thread of torch 2.13's CPU
-    # collectives. The results are written and every process group is destroyed by now, so leave without running
-    # those destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
