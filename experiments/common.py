@@ -252,6 +252,13 @@ def greedy_answers(
     return {p: t[0].strip() for p, t in zip(unique, decode_samples(tokenizer, samples))}
 
 
+def write_results_block(readme: Path, marker: str, block: str) -> None:
+    """Replace what stands between `<!-- marker -->` and `<!-- /marker -->` in `readme` with `block`."""
+    head, _, rest = readme.read_text().partition(f"<!-- {marker} -->")
+    _, _, tail = rest.partition(f"<!-- /{marker} -->")
+    readme.write_text(f"{head}<!-- {marker} -->\n{block}\n<!-- /{marker} -->{tail}")
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base, mean_sd, read_jsonl  # noqa: E402
+from experiments.common import factworld_base, mean_sd, read_jsonl, write_results_block  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
     check_context,
     deepen,
@@ -621,11 +621,7 @@ def main() -> None:
     block = render(results, args)
     print(block)
     if not args.no_readme:
-        readme = HERE / "README.md"
-        text = readme.read_text()
-        head, _, rest = text.partition("<!-- results -->")
-        _, _, tail = rest.partition("<!-- /results -->")
-        readme.write_text(f"{head}<!-- results -->\n{block}\n<!-- /results -->{tail}")
+        write_results_block(HERE / "README.md", "results", block)
 
 
 def plot(

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base, factworld_implicit_rm, mean_sd  # noqa: E402
+from experiments.common import factworld_base, factworld_implicit_rm, mean_sd, write_results_block  # noqa: E402
 from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality  # noqa: E402
 from rlxf.credit.segments import CreditConfig  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
@@ -287,12 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     block = render(results, args, figure)
     print(block)
     if not args.no_readme:
-        readme = HERE / "README.md"
-        marker = f"results-{args.token_reward}"
-        text = readme.read_text()
-        head, _, rest = text.partition(f"<!-- {marker} -->")
-        _, _, tail = rest.partition(f"<!-- /{marker} -->")
-        readme.write_text(f"{head}<!-- {marker} -->\n{block}\n<!-- /{marker} -->{tail}")
+        write_results_block(HERE / "README.md", f"results-{args.token_reward}", block)
     return results
 
 

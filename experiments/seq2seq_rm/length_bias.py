@@ -37,6 +37,7 @@ from experiments.common import (  # noqa: E402
     read_jsonl,
     scalar_rm,
     seq2seq_rm,
+    write_results_block,
 )
 from rlxf.evaluation import EvalConfig, run_eval  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402
@@ -143,10 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     block = render(results)
     print(block)
     if not args.no_readme:
-        readme = HERE / "README.md"
-        head, _, rest = readme.read_text().partition("<!-- results -->")
-        _, _, tail = rest.partition("<!-- /results -->")
-        readme.write_text(f"{head}<!-- results -->\n{block}\n<!-- /results -->{tail}")
+        write_results_block(HERE / "README.md", "results", block)
     return results
 
 

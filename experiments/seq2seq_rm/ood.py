@@ -38,6 +38,7 @@ from experiments.common import (  # noqa: E402
     read_jsonl,
     scalar_rm,
     seq2seq_rm,
+    write_results_block,
 )
 from rlxf.data.formats import write_jsonl  # noqa: E402
 from rlxf.hf import load_tokenizer  # noqa: E402
@@ -128,10 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     block = render(results)
     print(block)
     if not args.no_readme:
-        readme = HERE / "README.md"
-        head, _, rest = readme.read_text().partition("<!-- ood -->")
-        _, _, tail = rest.partition("<!-- /ood -->")
-        readme.write_text(f"{head}<!-- ood -->\n{block}\n<!-- /ood -->{tail}")
+        write_results_block(HERE / "README.md", "ood", block)
     return results
 
 

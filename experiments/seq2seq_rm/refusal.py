@@ -39,6 +39,7 @@ from experiments.common import (  # noqa: E402
     read_jsonl,
     scalar_rm,
     seq2seq_rm,
+    write_results_block,
 )
 from rlxf.evaluation import EvalConfig, run_eval  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402
@@ -154,10 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     block = render(results)
     print(block)
     if not args.no_readme:
-        readme = HERE / "README.md"
-        head, _, rest = readme.read_text().partition("<!-- results-refusal -->")
-        _, _, tail = rest.partition("<!-- /results-refusal -->")
-        readme.write_text(f"{head}<!-- results-refusal -->\n{block}\n<!-- /results-refusal -->{tail}")
+        write_results_block(HERE / "README.md", "results-refusal", block)
     return results
 
 

@@ -41,6 +41,7 @@ from experiments.common import (
     mean_sd,
     ppo_arm,
     read_jsonl,
+    write_results_block,
 )  # noqa: E402
 from rlxf.evaluation import EvalConfig, run_eval  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402
@@ -212,11 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     block = render(table, sft, duels, args, results["compute_seconds"])
     print(block)
     if not args.no_readme:
-        readme = HERE / "README.md"
-        text = readme.read_text()
-        head, _, rest = text.partition("<!-- results -->")
-        _, _, tail = rest.partition("<!-- /results -->")
-        readme.write_text(f"{head}<!-- results -->\n{block}\n<!-- /results -->{tail}")
+        write_results_block(HERE / "README.md", "results", block)
     return results
 
 
