@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("openai")
+from scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("openai")
 
 
 def test_bench_serve_tiny(tmp_path, one_torch_thread):
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks/bench_serve.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_serve.py", "bench_serve")
     result = bench.main(["--clients", "1", "2", "--seconds", "0.3", "--max_tokens", "2", "--batch_sizes", "1", "4",
                          "--hidden_size", "16", "--out", str(tmp_path)])  # fmt: skip
     rows = result["rows"]

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from rlxf.worlds.factworld import fact_row, load_factworld
-
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import load_script
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("judges_knowledge", ROOT / "experiments/judges/knowledge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/judges/knowledge.py", "judges_knowledge")
 
 
 knowledge = _load_script()

@@ -4,7 +4,6 @@ small FactWorld."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"judges_{name}", ROOT / f"experiments/judges/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"experiments/judges/{name}.py", f"judges_{name}")
 
 
 rm_reading = _load("rm_reading")

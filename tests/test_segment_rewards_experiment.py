@@ -4,23 +4,20 @@ with --no-readme."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from rlxf.worlds.factworld import load_factworld
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("segment_rewards_run", ROOT / "experiments/segment_rewards/run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/segment_rewards/run.py", "segment_rewards_run")
 
 
 def test_segment_rewards_reports_false_premise_success(factworld_base_dir, tmp_path):

@@ -4,22 +4,20 @@ and the held-out entities are absent from every reward model's pairs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"seq2seq_{name}", ROOT / f"experiments/seq2seq_rm/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"experiments/seq2seq_rm/{name}.py", f"seq2seq_{name}")
 
 
 def test_biased_world_relabels_the_same_pairs(factworld_dir, tmp_path):

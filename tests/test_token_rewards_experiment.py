@@ -4,21 +4,19 @@ touched with --no-readme."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("token_rewards_run", ROOT / "experiments/token_rewards/run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/token_rewards/run.py", "token_rewards_run")
 
 
 def test_token_rewards_runs_every_reward_and_compares_head_to_head(factworld_base_dir, tmp_path):
