@@ -252,6 +252,17 @@ def greedy_answers(
     return {p: t[0].strip() for p, t in zip(unique, decode_samples(tokenizer, samples))}
 
 
+def update_judges_json(path: Path, figures: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+    """Set each figure of experiments/judges.json to its value, with the command that measured it in `commands`;
+    the other figures stay. `figures`: {key: (value, command)}. Returns the whole file's content."""
+    judges = json.loads(path.read_text()) if path.exists() else {"commands": {}}
+    for key, (value, command) in figures.items():
+        judges[key] = value
+        judges["commands"][key] = command
+    path.write_text(json.dumps(judges, indent=2, sort_keys=True) + "\n")
+    return judges
+
+
 def write_results_block(readme: Path, marker: str, block: str) -> None:
     """Replace what stands between `<!-- marker -->` and `<!-- /marker -->` in `readme` with `block`."""
     head, _, rest = readme.read_text().partition(f"<!-- {marker} -->")

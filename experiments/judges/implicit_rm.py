@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from experiments.common import implicit_rm, pair_outcomes, read_jsonl  # noqa: E402
+from experiments.common import implicit_rm, pair_outcomes, read_jsonl, update_judges_json  # noqa: E402
 from experiments.judges.knowledge import PAIR_TYPES, accuracy_by_type, gold_ceiling  # noqa: E402
 from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality  # noqa: E402
 from rlxf.credit.segments import CreditConfig  # noqa: E402
@@ -132,13 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_json:
         head = next(iter(result["settings"].values()))["mean"]
         command = "python experiments/judges/implicit_rm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-        judges = json.loads(JUDGES_JSON.read_text()) if JUDGES_JSON.exists() else {"commands": {}}
-        for key, value in (("rm_accuracy_human_heldout", head["accuracy_human"]),
-                           ("rm_accuracy_gold_heldout", head["accuracy_gold"]),
-                           ("increment_precision", head["precision"]), ("increment_recall", head["recall"])):  # fmt: skip
-            judges[key] = round(value, 4)
-            judges["commands"][key] = command
-        JUDGES_JSON.write_text(json.dumps(judges, indent=2, sort_keys=True) + "\n")
+        update_judges_json(JUDGES_JSON, {key: (round(value, 4), command) for key, value in (
+            ("rm_accuracy_human_heldout", head["accuracy_human"]), ("rm_accuracy_gold_heldout", head["accuracy_gold"]),
+            ("increment_precision", head["precision"]), ("increment_recall", head["recall"]))})  # fmt: skip
     return result
 
 

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import read_jsonl  # noqa: E402
+from experiments.common import read_jsonl, update_judges_json  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
     alignment_by_length,
     deepen,
@@ -241,14 +241,10 @@ def write_judges_json(records: list[dict[str, Any]], names: list[str]) -> dict[s
     missing = [n for n in names if n not in by_name or by_name[n].get("pairs_alignment") is None]
     if missing:
         raise SystemExit(f"no pairs.jsonl alignment for {missing} in the results; run them with --also-pairs")
-    judges = json.loads(JUDGES_JSON.read_text()) if JUDGES_JSON.exists() else {"commands": {}}
-    judges["labeller_alignment_by_size"] = [round(by_name[n]["pairs_alignment"], 4) for n in names]
-    judges["labeller_alignment"] = judges["labeller_alignment_by_size"][-1]
+    by_size = [round(by_name[n]["pairs_alignment"], 4) for n in names]
     commands = [by_name[n].get("command", f"python experiments/rlaif/judge_study.py --name {n} ...") for n in names]
-    judges["commands"]["labeller_alignment_by_size"] = " && ".join(commands)
-    judges["commands"]["labeller_alignment"] = commands[-1]
-    JUDGES_JSON.write_text(json.dumps(judges, indent=2, sort_keys=True) + "\n")
-    return judges
+    return update_judges_json(JUDGES_JSON, {"labeller_alignment_by_size": (by_size, " && ".join(commands)),
+                                            "labeller_alignment": (by_size[-1], commands[-1])})  # fmt: skip
 
 
 # --- main ------------------------------------------------------------------------------------------------------------
