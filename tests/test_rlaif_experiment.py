@@ -27,6 +27,8 @@ from experiments.rlaif.judge import (  # noqa: E402
     pair_keys,
     prepare_judge_data,
     same_length,
+    self_check_marks,
+    self_check_rationale,
     simulated_human_pairs,
     write_preamble,
 )
@@ -307,3 +309,67 @@ def test_judges_json_gets_the_labeller_alignment_by_size(tmp_path, monkeypatch):
     assert judges["commands"]["labeller_alignment"] == "python s --name large --also-pairs"
     with pytest.raises(SystemExit, match="no-pairs"):
         study.write_judges_json(records, ["small", "no-pairs"])
+
+
+def test_self_check_rationale_discusses_both_answers_in_the_order_shown():
+    marks_1 = [("Ab's pet is fox", False), ("Ab's city is Oslo", True)]
+    marks_2 = [("cheese", True)]
+    assert self_check_rationale(marks_1, marks_2) == (
+        " Response 1: Ab's pet is fox (no), Ab's city is Oslo (ok). Response 2: cheese (ok)."
+    )
+    assert self_check_rationale([], marks_2) == " Response 1: nothing. Response 2: cheese (ok)."
+
+
+def test_self_check_marks_are_the_models_own_greedy_tokens(factworld_sft_dir, factworld_dir):
+    """Each claim's verdict equals a naive check: run the model on the text up to the claim's last word and ask
+    whether its argmax is the word's first token."""
+    import torch
+
+    from rlxf.hf import load_policy
+
+    pairs = read_jsonl(factworld_dir / "preferences_train.jsonl")[:12]
+    answers = sorted({(r["prompt"].strip(), r[k].strip()) for r in pairs for k in ("chosen", "rejected")})
+    marks = self_check_marks(factworld_sft_dir, answers)
+    model, tokenizer = load_policy(str(factworld_sft_dir))
+    n_claims = 0
+    for context, answer in answers:
+        response = " " + answer
+        claims = [c.strip() for c in response.replace(",", ".").split(".") if c.strip()]
+        assert [c for c, _ in marks[(context, answer)]] == claims
+        enc = tokenizer(context + response, return_offsets_mapping=True, add_special_tokens=True)
+        position = len(context)
+        for claim, ok in marks[(context, answer)]:
+            position = response.index(claim, position - len(context)) + len(context)
+            word_start = position + claim.rindex(claim.split()[-1])
+            token = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a <= word_start][-1]
+            with torch.no_grad():
+                greedy = model(torch.tensor([enc["input_ids"][:token]])).logits[0, -1].argmax().item()
+            assert ok == (greedy == enc["input_ids"][token]), (context, answer, claim)
+            n_claims += 1
+    assert set(marks) == set(answers) and 0 < n_claims == sum(len(m) for m in marks.values())
+
+
+def test_self_check_cot_rows_carry_the_marks_of_the_answers_shown(factworld_dir, tmp_path):
+    cfg = judge_label_config(write_preamble(tmp_path / "preamble.txt"), cot=True)
+    raw = read_jsonl(factworld_dir / "preferences_train.jsonl")
+    checks = {
+        (r["prompt"].strip(), r[k].strip()): [(r[k].strip(), len(r[k]) % 2 == 0)]
+        for r in raw
+        for k in ("chosen", "rejected")
+    }
+    rows, counts = build_judge_rows(cfg, factworld_dir / "preferences_train.jsonl", self_checks=checks)
+    assert counts["rows"] == 4 * len(raw)
+    for rationale_row, label_row in zip(rows[::2], rows[1::2]):
+        first, second = rationale_row["response_1"], rationale_row["response_2"]
+        expected = self_check_rationale(
+            checks[(rationale_row["context"], first)], checks[(rationale_row["context"], second)]
+        )
+        assert rationale_row["completion"] == expected
+        assert label_row["prompt"] == rationale_row["prompt"] + expected + "\nPreferred Response="
+    # both orders of a pair: the same two answers, swapped, and the label follows the human's choice
+    for chosen_first, chosen_second in zip(rows[1::4], rows[3::4]):
+        assert (chosen_first["response_1"], chosen_first["response_2"]) == (
+            chosen_second["response_2"],
+            chosen_second["response_1"],
+        )
+        assert (chosen_first["completion"], chosen_second["completion"]) == ("1", "2")

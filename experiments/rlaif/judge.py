@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import random
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -69,6 +70,13 @@ def write_preamble(path: str | Path) -> Path:
 REFERENCE_MAX_TOKENS = 64
 """Longest rationale the reference-guided judge writes (its own answer to the question: ≤ 4 facts, ~45 tokens)."""
 
+SELF_CHECK_MAX_TOKENS = 128
+"""Longest rationale the self-checking judge writes (both answers copied with a mark per claim: ≤ 110 tokens on the base world)."""
+
+RATIONALES = ("reference", "self-check")
+"""The judge's chain-of-thought recipes: `reference` writes its own answer first; `self-check` copies each answer's
+claims and marks each one with whether the judge would have written it (docs/methods/rlaif.md)."""
+
 
 def judge_label_config(
     preamble_file: str | Path,
@@ -83,8 +91,10 @@ def judge_label_config(
     the sample; with it, the paper's two-step chain of thought (the helpful CoT ending of its Table 21, then
     "Rationale:"), where the reference-guided judge writes its own answer to the question as the rationale. The
     judge is trained on the prompts of this config and labels with it."""
-    if cot:
-        kw.setdefault("rationale_max_tokens", REFERENCE_MAX_TOKENS)
+    if kw.get("rationale_max_tokens") is None:
+        kw.pop("rationale_max_tokens", None)
+        if cot:
+            kw["rationale_max_tokens"] = REFERENCE_MAX_TOKENS
     return LabelConfig(
         input=input,
         out=out or "runs/labels.jsonl",
@@ -107,6 +117,59 @@ def reference_answers(model_dir: str | Path, contexts: Iterable[str], batch_size
     from experiments.common import greedy_answers
 
     return greedy_answers(model_dir, contexts, max_new_tokens=REFERENCE_MAX_TOKENS - 1, batch_size=batch_size)
+
+
+CLAIM = re.compile(r"[^.,]+")
+"""A claim of a FactWorld answer as a reader splits it: a sentence ("Zorbin's colour is red") or a list item."""
+
+
+def self_check_marks(
+    model_dir: str | Path, answers: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], list[tuple[str, bool]]]:
+    """Each claim of each (context, answer) with the causal LM's own verdict on it: True when the claim's last word
+    (the stated value, or the list item) starts with the token the model would have written there itself, reading
+    the context and the answer up to that word (teacher-forced greedy agreement; no knowledge base is read).
+
+    These verdicts are the self-checking judge's rationale targets (docs/methods/rlaif.md, "self-check chain of
+    thought"): the judge learns to copy each claim and say whether it agrees, so the comparison it must make at the
+    label is between nearby marks, not between values 100 tokens apart. They come from the SFT policy the judge starts
+    from, so they carry its mistakes."""
+    import torch
+
+    from rlxf.hf import load_policy
+
+    model, tokenizer = load_policy(str(model_dir))
+    model.eval()
+    out: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+    for context, answer in sorted(set(answers)):
+        response = " " + answer
+        enc = tokenizer(context + response, return_offsets_mapping=True, add_special_tokens=True)
+        ids = enc["input_ids"]
+        with torch.inference_mode():
+            predicted = model(torch.tensor([ids], device=model.device)).logits[0].argmax(-1).tolist()
+        starts = {a: i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a}
+        marks = []
+        for m in CLAIM.finditer(response):
+            claim = m.group().strip()
+            if not claim:
+                continue
+            word_start = len(context) + m.start() + m.group().rstrip().rfind(claim.split()[-1])
+            # The token holding the word's first character (BPE tokens usually carry the space before a word).
+            token = max(i for a, i in starts.items() if a <= word_start)
+            marks.append((claim, token > 0 and predicted[token - 1] == ids[token]))
+        out[(context, answer)] = marks
+    return out
+
+
+def self_check_rationale(marks_1: Sequence[tuple[str, bool]], marks_2: Sequence[tuple[str, bool]]) -> str:
+    """The self-checking judge's rationale for a pair, in the order shown:
+    " Response 1: Zorbin's colour is red (no), Zorbin's pet is cat (ok). Response 2: ..." """
+
+    def discuss(slot: int, marks: Sequence[tuple[str, bool]]) -> str:
+        claims = ", ".join(f"{claim} ({'ok' if ok else 'no'})" for claim, ok in marks) or "nothing"
+        return f"Response {slot}: {claims}."
+
+    return f" {discuss(1, marks_1)} {discuss(2, marks_2)}"
 
 
 def label_triple(row: dict[str, Any]) -> tuple[str, str, str]:
@@ -139,6 +202,7 @@ def build_judge_rows(
     preferences_file: str | Path,
     exclude_pairs: Iterable[str | Path] = (),
     references: dict[str, str] | None = None,
+    self_checks: dict[tuple[str, str], list[tuple[str, bool]]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """SFT rows that teach a model to answer the labelling prompt of `cfg` like the simulated human.
 
@@ -148,9 +212,10 @@ def build_judge_rows(
     next to each other; extra columns context / response_1 / response_2 / pair_index / order / step) and counts
     {pairs, excluded, rows}.
 
-    With chain of thought (`cfg.cot`), `references` maps each context to the judge's rationale (`reference_answers`)
-    and every order gives two rows: step 1, the rationale prompt whose completion is " " + the reference answer, and
-    step 2, the scoring prompt with that rationale whose completion is the label.
+    With chain of thought (`cfg.cot`), every order gives two rows: step 1, the rationale prompt whose completion is the
+    rationale, and step 2, the scoring prompt with that rationale whose completion is the label. The rationale is
+    " " + the judge's own answer when `references` maps each context to it (`reference_answers`), or the pair's
+    `self_check_rationale` when `self_checks` holds each (context, answer)'s marks (`self_check_marks`).
     """
     excluded = set()
     for path in exclude_pairs:
@@ -174,9 +239,12 @@ def build_judge_rows(
             if not template.cot:
                 rows.append({"prompt": build_prompt(template, context, first, second), "completion": label, **meta})
                 continue
-            if references is None or context not in references:
-                raise ValueError(f"chain of thought needs the judge's reference answer for {context!r}")
-            rationale = " " + references[context]
+            if self_checks is not None:
+                rationale = self_check_rationale(self_checks[(context, first)], self_checks[(context, second)])
+            elif references is not None and context in references:
+                rationale = " " + references[context]
+            else:
+                raise ValueError(f"chain of thought needs the judge's reference answer or self-checks for {context!r}")
             rows.append(
                 {"prompt": build_rationale_prompt(template, context, first, second), "completion": rationale}
                 | meta
@@ -338,6 +406,7 @@ def prepare_judge_data(
     val_pairs: int = 0,
     seed: int = 0,
     reference_model: str | Path | None = None,
+    rationale: str = "reference",
 ) -> dict[str, Any]:
     """Write out/preamble.txt and out/judge_train.jsonl from the world's preferences_train.jsonl, excluding the
     pairs of `pairs`; assert disjointness. Returns paths and counts.
@@ -346,8 +415,9 @@ def prepare_judge_data(
     human (`simulated_human_pairs`, written to out/extra_preferences.jsonl; out/judge_preferences.jsonl holds all the
     judge's pairs). `val_pairs` > 0 writes out/judge_val.jsonl, that many fresh pairs of the same distribution kept out
     of the training rows (and of the world's preferences_train and `pairs`), to choose a recipe by.
-    `reference_model` switches on the reference-guided chain of thought: its greedy answers (`reference_answers`,
-    written to out/references.json) become the rationales of the rows.
+    `reference_model` switches on chain of thought, with the rationales that `rationale` names (RATIONALES), made by
+    that model: "reference", its greedy answers (`reference_answers`, written to out/references.json); "self-check",
+    its marks on each claim of both answers (`self_check_marks`, written to out/self_checks.jsonl).
     """
     out = Path(out)
     preamble = write_preamble(out / "preamble.txt")
@@ -367,11 +437,19 @@ def prepare_judge_data(
         combined = out / "judge_preferences.jsonl"
         write_jsonl(combined, [json.loads(line) for line in prefs.read_text().splitlines() if line.strip()] + extra)
         prefs = combined
-    references = None
-    if reference_model is not None:
+    if rationale not in RATIONALES:
+        raise ValueError(f"rationale must be one of {RATIONALES}, got {rationale!r}")
+    references = self_checks = None
+    if reference_model is not None and rationale == "reference":
         references = reference_answers(reference_model, (label_triple(r)[0] for r in load_label_pairs(str(prefs))))
         (out / "references.json").write_text(json.dumps(references, indent=1), encoding="utf-8")
-    rows, counts = build_judge_rows(cfg, prefs, exclude_pairs=exclude, references=references)
+    elif reference_model is not None:
+        triples = [label_triple(r) for r in load_label_pairs(str(prefs))]
+        self_checks = self_check_marks(reference_model, [(c, a) for c, *ab in triples for a in ab])
+        write_jsonl(
+            out / "self_checks.jsonl", [{"context": c, "answer": a, "marks": m} for (c, a), m in self_checks.items()]
+        )
+    rows, counts = build_judge_rows(cfg, prefs, exclude_pairs=exclude, references=references, self_checks=self_checks)
     for path in exclude:
         assert_disjoint(rows, path)
     counts["extra_pairs"] = len(extra)

@@ -62,6 +62,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import read_jsonl, update_judges_json  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
+    SELF_CHECK_MAX_TOKENS,
     alignment_by_length,
     deepen,
     judge_label_config,
@@ -118,6 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="reference-guided chain of thought: the judge first writes its own answer to the question (rationale "
         "targets: the start model's greedy answers, judge.reference_answers), then labels (the paper's 2-step CoT)",
     )
+    p.add_argument(
+        "--self-check-cot",
+        action="store_true",
+        help="self-check chain of thought: the judge copies each claim of both answers and marks whether it would "
+        "have written it (rationale targets: the start model's own teacher-forced greedy tokens, "
+        "judge.self_check_marks), then labels",
+    )
     p.add_argument("--epochs", type=float, default=3.0, help="passes over the judge rows")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="rows per optimiser step")
@@ -149,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.table and not args.judges_json and not args.name:
         p.error("--name is required (unless --table or --judges-json)")
+    if args.reference_cot and args.self_check_cot:
+        p.error("choose one chain of thought: --reference-cot or --self-check-cot")
     return args
 
 
@@ -169,7 +179,8 @@ def evaluate(model: Path, preamble: Path, src: Path, out: Path, args: argparse.N
         out=str(out),
         backend=BackendConfig(kind="local", model=str(model), batch_size=args.label_batch_size),
         progress=args.progress,
-        cot=args.reference_cot,
+        cot=args.reference_cot or args.self_check_cot,
+        rationale_max_tokens=SELF_CHECK_MAX_TOKENS if args.self_check_cot else None,
     )
     metrics = json.loads(Path(run_label(cfg)["metrics"]).read_text())
     labelled = read_jsonl(out)  # chosen = the judge's choice; gold_chosen / gold_rejected follow it
@@ -292,7 +303,10 @@ def main(argv: list[str] | None = None) -> None:
             extra_pairs_per_prompt=args.extra_pairs,
             val_pairs=args.val_pairs,
             seed=args.data_seed,
-            reference_model=(args.model or base / "sft" / "final") if args.reference_cot else None,
+            reference_model=(args.model or base / "sft" / "final")
+            if args.reference_cot or args.self_check_cot
+            else None,
+            rationale="self-check" if args.self_check_cot else "reference",
         )
         preamble, val_file, train_file = data["preamble"], data["val_file"], data["train_file"]
         rows = read_jsonl(train_file)
@@ -330,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             "extra_layers": args.extra_layers,
             "same_length_only": args.same_length_only,
             "reference_cot": args.reference_cot,
+            "self_check_cot": args.self_check_cot,
             "rows": len(rows),
             "epochs": args.epochs,
             "lr": args.lr,
