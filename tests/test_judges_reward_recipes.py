@@ -113,3 +113,16 @@ def test_the_shared_base_builds_its_judge_once(kind, factworld_dir, factworld_sf
     assert build(base) == judge and (judge / "model.safetensors").stat().st_mtime_ns == stamp
     spec = f"dpo:{judge}:{factworld_sft_dir}" if kind == "implicit_rm" else f"seq2seq:{judge}"
     build_reward_source(spec, device="cpu")  # the spec token_rewards uses
+
+
+def test_more_pairs_are_new_simulated_human_draws_on_training_prompts(factworld_dir, tmp_path):
+    world_pairs = implicit_rm.read_jsonl(factworld_dir / "preferences_train.jsonl")
+    assert implicit_rm.training_pairs(factworld_dir, 0, tmp_path) == factworld_dir / "preferences_train.jsonl"
+    path = implicit_rm.training_pairs(factworld_dir, 2, tmp_path)
+    rows = implicit_rm.read_jsonl(path)
+    extra = rows[len(world_pairs) :]
+    assert rows[: len(world_pairs)] == world_pairs and extra and extra != world_pairs[: len(extra)]
+    train_prompts = {r["prompt"] for r in implicit_rm.read_jsonl(factworld_dir / "prompts_train.jsonl")}
+    held_out = {r["prompt"] for r in implicit_rm.read_jsonl(factworld_dir / "preferences_test.jsonl")}
+    assert {r["prompt"] for r in extra} <= train_prompts and not {r["prompt"] for r in extra} & held_out
+    assert implicit_rm.training_pairs(factworld_dir, 2, tmp_path).read_text() == path.read_text()  # reused

@@ -40,17 +40,33 @@ if str(ROOT) not in sys.path:
 
 from experiments.common import implicit_rm, pair_outcomes, read_jsonl, update_judges_json  # noqa: E402
 from experiments.judges.knowledge import PAIR_TYPES, accuracy_by_type, gold_ceiling  # noqa: E402
+from experiments.rlaif.judge import simulated_human_pairs  # noqa: E402
 from rlxf.credit.inspect import SegmentQualityConfig, run_segment_quality  # noqa: E402
 from rlxf.credit.segments import CreditConfig  # noqa: E402
+from rlxf.data.formats import write_jsonl  # noqa: E402
 from rlxf.hf import load_tokenizer  # noqa: E402
 from rlxf.rewards.sources import DPOImplicitRewardSource  # noqa: E402
 
 JUDGES_JSON = ROOT / "experiments" / "judges.json"
 
 
-def train_judge(args, lr: float, epochs: float, seed: int, out: Path) -> Path:
-    return implicit_rm(args.sft, Path(args.world) / "preferences_train.jsonl", out, seed, args.progress, lr, epochs,
-                       args.beta)  # fmt: skip
+def training_pairs(world: Path, extra_pairs_per_prompt: int, out: Path) -> Path:
+    """The world's `preferences_train.jsonl`, plus `extra_pairs_per_prompt` new draws per training prompt of the
+    world's own generator and simulated human (`simulated_human_pairs`: training prompts only, so never a held-out
+    pair; labels from the simulated human, never gold). The world can draw as many pairs as asked."""
+    world_pairs = world / "preferences_train.jsonl"
+    if not extra_pairs_per_prompt:
+        return world_pairs
+    path = out / f"preferences_train_plus{extra_pairs_per_prompt}.jsonl"
+    if not path.exists():
+        extra = simulated_human_pairs(world, extra_pairs_per_prompt, seed=0, stream="implicit-rm")
+        write_jsonl(path, read_jsonl(world_pairs) + extra)
+    return path
+
+
+def train_judge(args, lr: float, epochs: float, extra: int, seed: int, out: Path) -> Path:
+    train_file = training_pairs(Path(args.world), extra, Path(args.out))
+    return implicit_rm(args.sft, train_file, out, seed, args.progress, lr, epochs, args.beta)
 
 
 def pair_accuracy(judge: Path, sft: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -103,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sft", required=True, help="the judge's starting point and reference (the SFT policy)")
     p.add_argument("--out", required=True, help="run directory (judges and results.json)")
     p.add_argument("--settings", nargs="+", default=["1e-4:2", "3e-4:2", "1e-4:4"],
-                   help="LR:EPOCHS of each judge; the first is the headline written to experiments/judges.json")  # fmt: skip
+                   help="LR:EPOCHS[:EXTRA] of each judge, EXTRA new simulated-human pairs per training prompt on top "
+                        "of the world's (default 0); the first is the headline written to experiments/judges.json")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (DPO's default)")
     p.add_argument("--limit", type=int, default=0, help="held-out pairs to score (0: all 915)")
@@ -118,11 +135,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"args": vars(args), "gold_ceiling": gold_ceiling(pairs), "settings": {}}
     t0 = time.perf_counter()
     for setting in args.settings:
-        lr, epochs = (float(x) for x in setting.split(":"))
-        name = f"lr {lr:g}, {epochs:g} epochs"
+        lr, epochs, extra = (float(x) for x in (setting + ":0").split(":")[:3])
+        name = f"lr {lr:g}, {epochs:g} epochs" + (f", +{extra:g} pairs/prompt" if extra else "")
         runs = []
         for seed in args.seeds:
-            judge = train_judge(args, lr, epochs, seed, out / f"lr{lr:g}_e{epochs:g}_seed{seed}")
+            tag = f"lr{lr:g}_e{epochs:g}" + (f"_plus{extra:g}" if extra else "")
+            judge = train_judge(args, lr, epochs, int(extra), seed, out / f"{tag}_seed{seed}")
             runs.append({"seed": seed, **pair_accuracy(judge, args.sft, pairs), **increments(judge, args)})
         result["settings"][name] = {"runs": runs, "mean": mean_of(runs)}
     result["minutes"] = (time.perf_counter() - t0) / 60

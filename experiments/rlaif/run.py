@@ -42,6 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import factworld_base, mean_sd, read_jsonl, write_results_block  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
+    RATIONALES,
+    SELF_CHECK_MAX_TOKENS,
     check_context,
     deepen,
     judge_label_config,
@@ -96,6 +98,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="fresh pairs of the judge's own distribution held out of its rows and labelled to choose a recipe by",
+    )
+    p.add_argument(
+        "--judge-cot",
+        choices=("none", *RATIONALES),
+        default="none",
+        help="the judge's chain of thought (judge.RATIONALES; docs/methods/rlaif.md): none labels straight after the "
+        "pair; reference writes its own answer first; self-check marks each claim of both answers first",
+    )
+    p.add_argument(
+        "--judge-model",
+        default="",
+        metavar="DIR",
+        help="use this trained judge (e.g. one of experiments/rlaif/judge_study.py, trained with the same "
+        "--judge-cot) instead of training one here",
     )
     p.add_argument("--fit-pairs", type=int, default=400, help="judge training pairs relabelled to measure its fit")
     p.add_argument("--rm-epochs", type=float, default=2.0, help="AI reward-model passes (the base RM's setting)")
@@ -179,6 +195,8 @@ def stage_judge(args, base: dict[str, Path], out: Path) -> dict[str, Any]:
         jdir,
         extra_pairs_per_prompt=args.judge_extra_pairs,
         val_pairs=args.judge_val_pairs,
+        reference_model=None if args.judge_cot == "none" else base["sft"],
+        rationale="reference" if args.judge_cot == "none" else args.judge_cot,
     )
     rows = read_jsonl(data["train_file"])
     if args.smoke:  # a few hundred rows, both orders of each pair kept together
@@ -195,9 +213,13 @@ def stage_judge(args, base: dict[str, Path], out: Path) -> dict[str, Any]:
     ]
     context = check_context(load_tokenizer(base["sft"]), positions, [r["prompt"] for r in rows] + to_label)
     logger.info("judge prompts: %s", context)
-    model_dir = jdir / "sft"
+    model_dir = Path(args.judge_model).parent if args.judge_model else jdir / "sft"
     seconds = 0.0
-    if not finished(model_dir):
+    if args.judge_model:
+        if not (Path(args.judge_model) / "config.json").exists():
+            raise SystemExit(f"--judge-model {args.judge_model}: no model there (expected a save_pretrained dir)")
+        logger.info("judge: %s (trained elsewhere; its training time is not counted here)", args.judge_model)
+    elif not finished(model_dir):
         start = time.perf_counter()
         start_model = deepen(base["sft"], jdir / "start", args.judge_extra_layers) if args.judge_extra_layers else None
         train_judge(
@@ -215,7 +237,7 @@ def stage_judge(args, base: dict[str, Path], out: Path) -> dict[str, Any]:
     history = read_jsonl(model_dir / "metrics.jsonl")
     nll = [r["loss/nll"] for r in history if "loss/nll" in r]
     return {
-        "model": model_dir / "final",
+        "model": Path(args.judge_model) if args.judge_model else model_dir / "final",
         "preamble": data["preamble"],
         "counts": data["counts"],
         "context": context,
@@ -233,6 +255,8 @@ def label_with(judge: dict[str, Any], args, src: Path, out: Path, backend: Backe
         out=str(out),
         backend=backend or BackendConfig(kind="local", model=str(judge["model"]), batch_size=16),
         progress=args.progress,
+        cot=args.judge_cot != "none",
+        rationale_max_tokens=SELF_CHECK_MAX_TOKENS if args.judge_cot == "self-check" else None,
     )
     summary = run_label(cfg)
     summary["metrics_full"] = json.loads(Path(summary["metrics"]).read_text())
