@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import factworld_base, mean_sd, read_jsonl, write_results_block  # noqa: E402
+from experiments.common import factworld_base, implicit_rm, mean_sd, read_jsonl, write_results_block  # noqa: E402
+from experiments.judges.implicit_rm import pair_accuracy as implicit_pair_accuracy  # noqa: E402
 from experiments.rlaif.judge import (  # noqa: E402
     RATIONALES,
     SELF_CHECK_MAX_TOKENS,
@@ -114,6 +115,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--judge-cot) instead of training one here",
     )
     p.add_argument("--fit-pairs", type=int, default=400, help="judge training pairs relabelled to measure its fit")
+    p.add_argument(
+        "--reward-model",
+        choices=("bt", "likelihood-ratio"),
+        default="bt",
+        help="the PPO arms' reward models: bt, a scalar-head Bradley-Terry RM (RLHF: the base's; RLAIF: trained on "
+        "the AI's soft labels); likelihood-ratio, r = β·log π/π_sft trained by DPO on each arm's pairs "
+        "(experiments/judges/README.md: the stronger judge; read as dpo:DIR:SFT)",
+    )
     p.add_argument("--rm-epochs", type=float, default=2.0, help="AI reward-model passes (the base RM's setting)")
     p.add_argument("--rm-lr", type=float, default=1e-3, help="AI reward-model learning rate (the base RM's)")
     p.add_argument("--dpo-epochs", type=float, default=2.0, help="DPO passes over the pairs (demo setting)")
@@ -401,11 +410,11 @@ def compare_http(local_out: str, http_out: str) -> dict[str, Any]:
     return {"n": n, "max_abs_diff_p_a": max(diffs), "same_choice": same / n, "n_imputed": imputed}
 
 
-def ppo_run(args, base: dict[str, Path], rm: Path, seed: int, out: Path, prompts: Path) -> dict:
+def ppo_run(args, base: dict[str, Path], reward: str, seed: int, out: Path, prompts: Path) -> dict:
     cfg = PPOConfig(
         model=str(base["sft"]),
         prompts_file=str(prompts),
-        reward=f"rm:{rm}",
+        reward=reward,
         out=str(out),
         gold_world=str(base["world"]),  # logged only: the policy never sees the gold score
         shared_value_head=True,
@@ -460,8 +469,8 @@ def dpo_run(args, base: dict[str, Path], pairs: Path, seed: int, out: Path) -> d
 # --- main ------------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("rlxf", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -541,7 +550,7 @@ def main() -> None:
 
     # 5. soft-label RM on the AI labels; both RMs scored on the held-out human pairs
     rm_ai_dir = out / "rm_ai"
-    if not finished(rm_ai_dir):
+    if args.reward_model == "bt" and not finished(rm_ai_dir):
         logger.info("reward model on AI labels")
         timed(
             times,
@@ -558,8 +567,17 @@ def main() -> None:
         (rm_ai_dir / "seconds.json").write_text(json.dumps({"seconds": times["rm"]}))
     elif (rm_ai_dir / "seconds.json").exists():
         REUSED_SECONDS["rm"] = json.loads((rm_ai_dir / "seconds.json").read_text())["seconds"]
-    rms = {"RLHF": base["rm"], "RLAIF": rm_ai_dir / "final"}
-    rm_acc = {name: reward_model_accuracy(str(path), str(heldout)) for name, path in rms.items()}
+    if args.reward_model == "bt":
+        rms = {"RLHF": f"rm:{base['rm']}", "RLAIF": f"rm:{rm_ai_dir / 'final'}"}
+        rm_acc = {"RLHF": reward_model_accuracy(str(base["rm"]), str(heldout)),
+                  "RLAIF": reward_model_accuracy(str(rm_ai_dir / "final"), str(heldout))}  # fmt: skip
+    else:  # the likelihood-ratio RM of each arm's pairs (hard labels: the human's choice, or the judge's)
+        rms, rm_acc = {}, {}
+        for name, train_file in (("RLHF", pairs), ("RLAIF", Path(ai["out"]))):
+            seed_dir = out / f"rm_{name.lower()}_likelihood_ratio"
+            judge_dir = timed(times, "rm", implicit_rm, base["sft"], train_file, seed_dir, 0, args.progress)
+            rms[name] = f"dpo:{judge_dir}:{base['sft']}"
+            rm_acc[name] = implicit_pair_accuracy(judge_dir, str(base["sft"]), read_jsonl(heldout))["accuracy_human"]
     logger.info("RM pairwise accuracy on held-out human pairs: %s", rm_acc)
 
     # 6. policies
@@ -646,6 +664,7 @@ def main() -> None:
     print(block)
     if not args.no_readme:
         write_results_block(HERE / "README.md", "results", block)
+    return results
 
 
 def plot(
@@ -750,7 +769,8 @@ def render(results: dict[str, Any], args) -> str:
         f"is on average {lab['mean_abs_p_a_minus_half']:.3f} from ½; alignment on fact prompts "
         f"{lab['alignment_by_kind'].get('fact', math.nan):.3f}, on list prompts "
         f"{lab['alignment_by_kind'].get('list', math.nan):.3f}."
-        + f"\n\nReward-model pairwise accuracy on the {'held-out'} human pairs (`preferences_test.jsonl`): "
+        + f"\n\n{'Scalar Bradley–Terry' if args.reward_model == 'bt' else 'Likelihood-ratio'} reward models "
+        f"(`--reward-model {args.reward_model}`), pairwise accuracy on the held-out human pairs (`preferences_test.jsonl`): "
         f"RLHF {rm['RLHF']:.3f}, RLAIF {rm['RLAIF']:.3f}.\n\n"
         + http_line
         + f"DPO β {args.dpo_beta}, lr {args.dpo_lr}, {args.dpo_epochs:g} epochs; PPO {args.steps} rollouts of "
