@@ -373,3 +373,29 @@ def test_self_check_cot_rows_carry_the_marks_of_the_answers_shown(factworld_dir,
             chosen_second["response_1"],
         )
         assert (chosen_first["completion"], chosen_second["completion"]) == ("1", "2")
+
+
+def test_self_check_diagnostics_by_hand(tmp_path):
+    from scripts import load_script
+
+    diag = load_script("experiments/rlaif/self_check_diagnostics.py", "self_check_diagnostics")
+    marks = {
+        ("Q", "A is x."): [("A is x", True)],
+        ("Q", "A is y."): [("A is y", False)],
+        ("Q", "A is x. A is z."): [("A is x", True), ("A is z", False)],
+    }
+    # +1 vs −1: right; 0 vs +1: wrong; 0 vs −1: right; +1 vs +1 (the same answer twice): a tie, ½
+    triples = [("Q", "A is x.", "A is y."), ("Q", "A is x. A is z.", "A is x."),
+               ("Q", "A is x. A is z.", "A is y."), ("Q", "A is x.", "A is x.")]  # fmt: skip
+    assert diag.mark_count_alignment(triples, marks) == pytest.approx((1 + 0 + 1 + 0.5) / 4)
+    rows = [
+        {"chosen": " A is x.", "rejected": " A is y. A is z.",  # order ab copied right, order ba wrong
+         "rationale_ab": " Response 1: A is x (ok). Response 2: A is y (no), A is z (ok).",
+         "rationale_ba": " Response 1: A is x (ok), A is z (ok). Response 2: A is x (ok)."},
+        {"chosen": " cheese, fish.", "rejected": " bread.",  # both orders right (list items are claims too)
+         "rationale_ab": " Response 1: cheese (ok), fish (no). Response 2: bread (ok).",
+         "rationale_ba": " Response 1: bread (ok). Response 2: cheese (no), fish (no)."},
+    ]  # fmt: skip
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert diag.exact_copy_rate(labels) == 3 / 4
