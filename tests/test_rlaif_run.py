@@ -1,5 +1,6 @@
 """experiments/rlaif/run.py --smoke end to end on the small FactWorld: the judge labels the pairs, likelihood-ratio
-reward models are trained on the human and on the AI labels, and DPO / PPO run on each; no committed file is touched.
+reward models are trained on the human and on the AI labels, DPO / PPO run on each, and d-RLAIF PPO runs on the SFT
+policy's expected 1-10 score; no committed file is touched.
 (The small world's 256-token vocabulary spells the chain-of-thought prompts past the test model's 512-token context;
 the self-check rationale rows are tested in test_rlaif_experiment.py.)"""
 
@@ -26,16 +27,17 @@ def test_rlaif_smoke_with_likelihood_ratio_rms(factworld_base_dir, tmp_path):
     readme = (ROOT / "experiments/rlaif/README.md").read_text()
     out = tmp_path / "out"
     results = run.main(["--base", str(factworld_base_dir), "--out", str(out), "--smoke", "--seeds", "0",
-                        "--reward-model", "likelihood-ratio"])  # fmt: skip
+                        "--reward-model", "likelihood-ratio", "--d-rlaif"])  # fmt: skip
 
     assert (ROOT / "experiments/rlaif/README.md").read_text() == readme
-    assert set(results["table"]) == {"SFT", "RLHF-DPO", "RLAIF-DPO", "RLHF-PPO", "RLAIF-PPO"}
+    assert set(results["table"]) == {"SFT", "RLHF-DPO", "RLAIF-DPO", "RLHF-PPO", "RLAIF-PPO", "d-RLAIF-PPO"}
     labelled = [json.loads(x) for x in (out / "labels" / "ai_pairs.jsonl").open()]
     assert len(labelled) == 40 and all(0 <= r["p_a"] <= 1 for r in labelled)
     # one likelihood-ratio RM per arm, trained on that arm's pairs, each scored on the held-out human pairs
     for arm in ("rlhf", "rlaif"):
         assert (out / f"rm_{arm}_likelihood_ratio" / "final" / "config.json").exists()
-    assert all(0 <= results["rm_accuracy"][arm] <= 1 for arm in ("RLHF", "RLAIF"))
-    for name in ("RLHF-PPO", "RLAIF-PPO"):
+    assert all(0 <= results["rm_accuracy"][arm] <= 1 for arm in ("RLHF", "RLAIF", "d"))
+    assert (out / "d_rlaif_scores.sqlite").exists()  # the d-RLAIF scorer's answers are cached (resume)
+    for name in ("RLHF-PPO", "RLAIF-PPO", "d-RLAIF-PPO"):
         assert all(math.isfinite(x) for x in results["ppo_history"][name][0]["rewards/gold"])
     shutil.rmtree(out)

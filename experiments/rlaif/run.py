@@ -57,7 +57,7 @@ from rlxf.data.formats import write_jsonl  # noqa: E402
 from rlxf.engine import TrainConfig  # noqa: E402
 from rlxf.errors import BackendError  # noqa: E402
 from rlxf.evaluation import EvalConfig, reward_model_accuracy, run_eval  # noqa: E402
-from rlxf.feedback.label import run_label  # noqa: E402
+from rlxf.feedback.label import as_text, run_label  # noqa: E402
 from rlxf.sampling import GenerationSettings  # noqa: E402
 from rlxf.trainers.dpo import DPOConfig, train_dpo  # noqa: E402
 from rlxf.trainers.ppo import PPOConfig, train_ppo  # noqa: E402
@@ -67,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 logger = logging.getLogger("rlaif")
 
-FEEDBACK = {"RLHF": "simulated human", "RLAIF": "tiny judge"}
+FEEDBACK = {"RLHF": "simulated human", "RLAIF": "tiny judge", "d": "SFT policy scoring 1-10 (0-shot)"}
 REUSED_SECONDS: dict[str, float] = {}
 """Wall time that earlier invocations spent on the stages this one reuses, so the reported total is the whole
 experiment's even when a run was resumed."""
@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the PPO arms' reward models: bt, a scalar-head Bradley-Terry RM (RLHF: the base's; RLAIF: trained on "
         "the AI's soft labels); likelihood-ratio, r = β·log π/π_sft trained by DPO on each arm's pairs "
         "(experiments/judges/README.md: the stronger judge; read as dpo:DIR:SFT)",
+    )
+    p.add_argument(
+        "--d-rlaif",
+        action="store_true",
+        help="add d-RLAIF-PPO: the reward is the expected 1-10 score of an off-the-shelf labeller, the SFT policy "
+        "0-shot (the paper's setting: no reward model, no fine-tuning; rlaif:SFT?task=helpful)",
     )
     p.add_argument("--rm-epochs", type=float, default=2.0, help="AI reward-model passes (the base RM's setting)")
     p.add_argument("--rm-lr", type=float, default=1e-3, help="AI reward-model learning rate (the base RM's)")
@@ -410,6 +416,20 @@ def compare_http(local_out: str, http_out: str) -> dict[str, Any]:
     return {"n": n, "max_abs_diff_p_a": max(diffs), "same_choice": same / n, "n_imputed": imputed}
 
 
+def direct_score_accuracy(spec: str, pairs: list[dict[str, Any]]) -> float:
+    """Pairwise accuracy of a d-RLAIF scorer against the human labels of `pairs` (the higher expected score wins,
+    ties ½): how well the reward the d-RLAIF arm optimises orders held-out answers."""
+    from rlxf.rewards.rlaif import DirectScoreSource
+
+    source = DirectScoreSource.from_spec(spec.removeprefix("rlaif:"))
+    contexts = [as_text(r["prompt"]).strip() for r in pairs]
+    chosen = source.score(contexts, [as_text(r["chosen"], True).strip() for r in pairs]).tolist()
+    rejected = source.score(contexts, [as_text(r["rejected"], True).strip() for r in pairs]).tolist()
+    # an unscored answer (NaN: no score token among the top-k) leaves the pair a tie, as it gets reward 0 in PPO
+    outcomes = [0.5 if math.isnan(c) or math.isnan(r) or c == r else float(c > r) for c, r in zip(chosen, rejected)]
+    return sum(outcomes) / len(outcomes)
+
+
 def ppo_run(args, base: dict[str, Path], reward: str, seed: int, out: Path, prompts: Path) -> dict:
     cfg = PPOConfig(
         model=str(base["sft"]),
@@ -578,6 +598,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             judge_dir = timed(times, "rm", implicit_rm, base["sft"], train_file, seed_dir, 0, args.progress)
             rms[name] = f"dpo:{judge_dir}:{base['sft']}"
             rm_acc[name] = implicit_pair_accuracy(judge_dir, str(base["sft"]), read_jsonl(heldout))["accuracy_human"]
+    if args.d_rlaif:  # d-RLAIF: no reward model; its "RM accuracy" is the scorer's pairwise accuracy
+        rms["d"] = f"rlaif:{base['sft']}?task=helpful&cache={out / 'd_rlaif_scores.sqlite'}"
+        rm_acc["d"] = direct_score_accuracy(rms["d"], read_jsonl(heldout))
     logger.info("RM pairwise accuracy on held-out human pairs: %s", rm_acc)
 
     # 6. policies
@@ -593,18 +616,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             policies.setdefault(f"{name}-DPO", []).append(d / "final")
     ppo_prompts = head_file(prompts, out / "inputs" / "prompts_train.jsonl", 64) if args.smoke else prompts
-    for name in ("RLHF", "RLAIF"):
+    for name in ("RLHF", "RLAIF") + (("d",) if args.d_rlaif else ()):
         for seed in args.seeds:
-            logger.info("%s-PPO, seed %d", name, seed)
+            logger.info("%s-PPO, seed %d", name if name != "d" else "d-RLAIF", seed)
             d = out / f"ppo-{name.lower()}-seed{seed}"
-            runs.setdefault(f"{name}-PPO", {})[seed] = timed(
-                times, "ppo", ppo_run, args, base, rms[name], seed, d, ppo_prompts
-            )
-            h = runs[f"{name}-PPO"][seed]["history"]
+            arm = "d-RLAIF-PPO" if name == "d" else f"{name}-PPO"
+            runs.setdefault(arm, {})[seed] = timed(times, "ppo", ppo_run, args, base, rms[name], seed, d, ppo_prompts)
+            h = runs[arm][seed]["history"]
             logger.info(
                 "  gold %.3f -> %.3f, KL %.2f", h["rewards/gold"][0], h["rewards/gold"][-1], h["objective/kl"][-1]
             )
-            policies.setdefault(f"{name}-PPO", []).append(d / "final")
+            policies.setdefault(arm, []).append(d / "final")
 
     # 7. held-out evaluation
     flat = [(name, i, path) for name, paths in policies.items() for i, path in enumerate(paths)]
@@ -638,7 +660,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
         }
     curves = {
-        name: [runs[name][s]["history"]["rewards/gold"] for s in args.seeds] for name in ("RLHF-PPO", "RLAIF-PPO")
+        name: [runs[name][s]["history"]["rewards/gold"] for s in args.seeds] for name in runs if name.endswith("PPO")
     }
     figure = out / "rlaif.png" if args.smoke else HERE / "figures" / "rlaif.png"
     figure.parent.mkdir(exist_ok=True)
@@ -652,7 +674,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "judge": {k: str(v) if isinstance(v, Path) else v for k, v in judge.items()},
         "http_check": http,
         "per_policy": evals,
-        "ppo_history": {n: {s: runs[n][s]["history"] for s in args.seeds} for n in ("RLHF-PPO", "RLAIF-PPO")},
+        "ppo_history": {n: {s: runs[n][s]["history"] for s in args.seeds} for n in runs if n.endswith("PPO")},
         "settings": vars(args),
         "seconds": times,
         "reused_seconds": REUSED_SECONDS,
@@ -771,7 +793,13 @@ def render(results: dict[str, Any], args) -> str:
         f"{lab['alignment_by_kind'].get('list', math.nan):.3f}."
         + f"\n\n{'Scalar Bradley–Terry' if args.reward_model == 'bt' else 'Likelihood-ratio'} reward models "
         f"(`--reward-model {args.reward_model}`), pairwise accuracy on the held-out human pairs (`preferences_test.jsonl`): "
-        f"RLHF {rm['RLHF']:.3f}, RLAIF {rm['RLAIF']:.3f}.\n\n"
+        f"RLHF {rm['RLHF']:.3f}, RLAIF {rm['RLAIF']:.3f}"
+        + (
+            f"; the d-RLAIF scorer (the SFT policy's expected 1-10 score) orders them right on {rm['d']:.3f}"
+            if "d" in rm
+            else ""
+        )
+        + ".\n\n"
         + http_line
         + f"DPO β {args.dpo_beta}, lr {args.dpo_lr}, {args.dpo_epochs:g} epochs; PPO {args.steps} rollouts of "
         f"{args.prompts_per_step} prompts × k={args.k}, lr {args.lr}, critic lr {args.value_lr}, β {args.kl_coef}; "
