@@ -1,4 +1,4 @@
-"""experiments/rlaif/run.py --smoke end to end on the small FactWorld: the judge labels the pairs, likelihood-ratio
+"""experiments/rlaif/run.py --smoke and judge_study.py (a 2-step judge) end to end on the small FactWorld: the judge labels the pairs, likelihood-ratio
 reward models are trained on the human and on the AI labels, DPO / PPO run on each, and d-RLAIF PPO runs on the SFT
 policy's expected 1-10 score; no committed file is touched.
 (The small world's 256-token vocabulary spells the chain-of-thought prompts past the test model's 512-token context;
@@ -41,3 +41,20 @@ def test_rlaif_smoke_with_likelihood_ratio_rms(factworld_base_dir, tmp_path):
     for name in ("RLHF-PPO", "RLAIF-PPO", "d-RLAIF-PPO"):
         assert all(math.isfinite(x) for x in results["ppo_history"][name][0]["rewards/gold"])
     shutil.rmtree(out)
+
+
+def test_judge_study_trains_and_scores_a_judge(factworld_base_dir, tmp_path):
+    import experiments.rlaif.judge_study as study
+
+    world_pairs = (factworld_base_dir / "world" / "preferences_train.jsonl").read_text().splitlines()
+    (factworld_base_dir / "pairs.jsonl").write_text("\n".join(world_pairs[-40:]) + "\n")
+    results = tmp_path / "results.jsonl"
+    argv = ["--base", str(factworld_base_dir), "--name", "smoke", "--max-steps", "2", "--val-pairs", "20",
+            "--also-pairs", "--out-root", str(tmp_path / "study"), "--results", str(results)]  # fmt: skip
+    study.main(argv)
+    (record,) = [json.loads(x) for x in results.open()]
+    assert record["name"] == "smoke" and record["max_steps"] == 2 and record["val_n"] == 20 and record["pairs_n"] == 40
+    assert 0 <= record["val_alignment"] <= 1 and 0 <= record["pairs_alignment"] <= 1
+    assert record["command"].startswith("python experiments/rlaif/judge_study.py --base")
+    with pytest.raises(SystemExit, match="exists"):  # a run directory is never overwritten
+        study.main(argv)
