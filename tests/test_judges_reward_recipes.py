@@ -64,7 +64,7 @@ def test_implicit_rm_runs_and_writes_the_headline(factworld_dir, factworld_sft_d
     judges = tmp_path / "judges.json"
     monkeypatch.setattr(implicit_rm, "JUDGES_JSON", judges)
     argv = ["--world", str(factworld_dir), "--sft", str(factworld_sft_dir), "--out", str(tmp_path / "run"),
-            "--settings", "1e-3:1", "--limit", "40"]  # fmt: skip
+            "--settings", "1e-3:1", "--limit", "40", "--figure", str(tmp_path / "curve.png")]  # fmt: skip
     result = implicit_rm.main(argv)
     run = result["settings"]["lr 0.001, 1 epochs"]["runs"][0]
     for key in ("accuracy_human", "accuracy_gold", "precision", "recall"):
@@ -72,7 +72,10 @@ def test_implicit_rm_runs_and_writes_the_headline(factworld_dir, factworld_sft_d
     written = json.loads(judges.read_text())
     assert written["rm_accuracy_human_heldout"] == pytest.approx(run["accuracy_human"], abs=1e-4)
     assert written["commands"]["increment_recall"].startswith("python experiments/judges/implicit_rm.py --world")
-    assert (tmp_path / "run" / "results.json").exists()
+    assert (tmp_path / "run" / "results.json").exists() and (tmp_path / "curve.png").stat().st_size > 0
+    assert result["settings"]["lr 0.001, 1 epochs"]["train_pairs"] == sum(
+        1 for _ in (factworld_dir / "preferences_train.jsonl").open()
+    )
 
 
 seq2seq_judge = _load("seq2seq_judge")

@@ -99,6 +99,33 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_data_curve(result: dict[str, Any], path: Path) -> None:
+    """Held-out accuracy (human, gold) and negative-segment precision / recall against training pairs, with the
+    issue's targets dashed and the gold scorer's accuracy against the human (the noise ceiling) dotted."""
+    from matplotlib.figure import Figure
+
+    settings = sorted(result["settings"].values(), key=lambda s: s["train_pairs"])
+    x = [s["train_pairs"] for s in settings]
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for i, (key, label, target) in enumerate((("accuracy_human", "accuracy vs human", 0.70),
+                                              ("accuracy_gold", "accuracy vs gold", 0.85),
+                                              ("precision", "segment precision", 0.6),
+                                              ("recall", "segment recall", 0.6))):  # fmt: skip
+        ax.plot(x, [s["mean"][key] for s in settings], marker="o", color=f"C{i}", label=label)
+        ax.axhline(target, color=f"C{i}", linestyle="--", linewidth=0.7)
+    ax.axhline(result["gold_ceiling"]["accuracy_human"], color="grey", linestyle=":", linewidth=0.8,
+               label="gold scorer vs human (ceiling)")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("training pairs (simulated-human labels)")
+    ax.set_ylabel("held-out pairs / gold wrong-fact spans")
+    ax.set_title("Likelihood-ratio RM: more pairs (dashed: the issue's targets)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def mean_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     avg = lambda key: statistics.mean(r[key] for r in runs)  # noqa: E731
     return {
@@ -125,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (DPO's default)")
     p.add_argument("--limit", type=int, default=0, help="held-out pairs to score (0: all 915)")
     p.add_argument("--no-json", action="store_true", help="do not update experiments/judges.json")
+    p.add_argument("--figure", default="", help="PNG of accuracy and segment precision / recall against the number of "
+                   "training pairs, one point per setting (for settings that differ only in EXTRA)")  # fmt: skip
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -142,11 +171,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tag = f"lr{lr:g}_e{epochs:g}" + (f"_plus{extra:g}" if extra else "")
             judge = train_judge(args, lr, epochs, int(extra), seed, out / f"{tag}_seed{seed}")
             runs.append({"seed": seed, **pair_accuracy(judge, args.sft, pairs), **increments(judge, args)})
-        result["settings"][name] = {"runs": runs, "mean": mean_of(runs)}
+        n_pairs = sum(1 for _ in training_pairs(Path(args.world), int(extra), out).open())
+        result["settings"][name] = {"runs": runs, "mean": mean_of(runs), "train_pairs": n_pairs}
     result["minutes"] = (time.perf_counter() - t0) / 60
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
+    if args.figure:
+        plot_data_curve(result, Path(args.figure))
     if not args.no_json:
         head = next(iter(result["settings"].values()))["mean"]
         command = "python experiments/judges/implicit_rm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
