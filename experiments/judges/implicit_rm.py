@@ -117,6 +117,8 @@ def plot_data_curve(result: dict[str, Any], path: Path) -> None:
     ax.axhline(result["gold_ceiling"]["accuracy_human"], color="grey", linestyle=":", linewidth=0.8,
                label="gold scorer vs human (ceiling)")  # fmt: skip
     ax.set_xscale("log")
+    ax.set_xticks(x, [f"{n:,}" for n in x])
+    ax.minorticks_off()
     ax.set_xlabel("training pairs (simulated-human labels)")
     ax.set_ylabel("held-out pairs / gold wrong-fact spans")
     ax.set_title("Likelihood-ratio RM: more pairs (dashed: the issue's targets)", fontsize=10)
