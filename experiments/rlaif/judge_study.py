@@ -26,6 +26,12 @@ directories exist, so add `--out-root NEW_DIR --results NEW_DIR/results.jsonl` t
 (`--extra-layers 2` rebuilds the study's sft-deep4 start bit for bit). baseline-existing is the judge that
 `run.py` trained (judge.py defaults); `--name baseline-3ep --epochs 3` retrains that recipe on the same rows.
 
+The chain-of-thought judges (base `runs/experiments/base`; experiments/rlaif/README.md): `--reference-cot` (the judge
+writes its own answer, then labels) at 0, 2 and 4 extra layers, and `--self-check-cot` (it copies and marks each
+claim of both answers, then labels), e.g.
+
+    .venv/bin/python $S --base runs/experiments/base --name selfcheck-2ep --self-check-cot --epochs 2 --also-pairs
+
 Re-score a trained judge without training (a new --name: a run directory is never overwritten):
 
     .venv/bin/python $S --name check-x5-1ep --eval-only runs/experiments/rlaif-judge-study/x5-1ep/sft/final \\
