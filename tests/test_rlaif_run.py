@@ -19,14 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_rlaif_smoke_with_likelihood_ratio_rms(factworld_base_dir, tmp_path):
-    run = load_script("experiments/rlaif/run.py", "rlaif_run")
-    # the pairs to label must not be the judge's training pairs: label a slice the judge never sees
+@pytest.fixture
+def judge_base(factworld_base_dir):
+    """The small base, with pairs to label that are not the judge's training pairs: the world's last 40 (the judge
+    data leaves out every pair it will label)."""
     world_pairs = (factworld_base_dir / "world" / "preferences_train.jsonl").read_text().splitlines()
     (factworld_base_dir / "pairs.jsonl").write_text("\n".join(world_pairs[-40:]) + "\n")
+    return factworld_base_dir
+
+
+def test_rlaif_smoke_with_likelihood_ratio_rms(judge_base, tmp_path):
+    run = load_script("experiments/rlaif/run.py", "rlaif_run")
     readme = (ROOT / "experiments/rlaif/README.md").read_text()
     out = tmp_path / "out"
-    results = run.main(["--base", str(factworld_base_dir), "--out", str(out), "--smoke", "--seeds", "0",
+    results = run.main(["--base", str(judge_base), "--out", str(out), "--smoke", "--seeds", "0",
                         "--reward-model", "likelihood-ratio", "--d-rlaif"])  # fmt: skip
 
     assert (ROOT / "experiments/rlaif/README.md").read_text() == readme
@@ -36,20 +42,18 @@ def test_rlaif_smoke_with_likelihood_ratio_rms(factworld_base_dir, tmp_path):
     # one likelihood-ratio RM per arm, trained on that arm's pairs, each scored on the held-out human pairs
     for arm in ("rlhf", "rlaif"):
         assert (out / f"rm_{arm}_likelihood_ratio" / "final" / "config.json").exists()
-    assert all(0 <= results["rm_accuracy"][arm] <= 1 for arm in ("RLHF", "RLAIF", "d"))
+    assert all(0 <= results["rm_accuracy"][arm] <= 1 for arm in ("RLHF", "RLAIF", "d-RLAIF"))
     assert (out / "d_rlaif_scores.sqlite").exists()  # the d-RLAIF scorer's answers are cached (resume)
     for name in ("RLHF-PPO", "RLAIF-PPO", "d-RLAIF-PPO"):
         assert all(math.isfinite(x) for x in results["ppo_history"][name][0]["rewards/gold"])
     shutil.rmtree(out)
 
 
-def test_judge_study_trains_and_scores_a_judge(factworld_base_dir, tmp_path):
+def test_judge_study_trains_and_scores_a_judge(judge_base, tmp_path):
     import experiments.rlaif.judge_study as study
 
-    world_pairs = (factworld_base_dir / "world" / "preferences_train.jsonl").read_text().splitlines()
-    (factworld_base_dir / "pairs.jsonl").write_text("\n".join(world_pairs[-40:]) + "\n")
     results = tmp_path / "results.jsonl"
-    argv = ["--base", str(factworld_base_dir), "--name", "smoke", "--max-steps", "2", "--val-pairs", "20",
+    argv = ["--base", str(judge_base), "--name", "smoke", "--max-steps", "2", "--val-pairs", "20",
             "--also-pairs", "--out-root", str(tmp_path / "study"), "--results", str(results)]  # fmt: skip
     study.main(argv)
     (record,) = [json.loads(x) for x in results.open()]

@@ -64,11 +64,6 @@ def training_pairs(world: Path, extra_pairs_per_prompt: int, out: Path) -> Path:
     return path
 
 
-def train_judge(args, lr: float, epochs: float, extra: int, seed: int, out: Path) -> Path:
-    train_file = training_pairs(Path(args.world), extra, Path(args.out))
-    return implicit_rm(args.sft, train_file, out, seed, args.progress, lr, epochs, args.beta)
-
-
 def pair_accuracy(judge: Path, sft: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy of the summed implicit reward on held-out pairs, against the human labels and gold, by pair type."""
     source = DPOImplicitRewardSource(judge, sft, device="cpu")
@@ -168,12 +163,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for setting in args.settings:
         lr, epochs, extra = (float(x) for x in (setting + ":0").split(":")[:3])
         name = f"lr {lr:g}, {epochs:g} epochs" + (f", +{extra:g} pairs/prompt" if extra else "")
+        tag = f"lr{lr:g}_e{epochs:g}" + (f"_plus{extra:g}" if extra else "")
+        train_file = training_pairs(Path(args.world), int(extra), out)
         runs = []
         for seed in args.seeds:
-            tag = f"lr{lr:g}_e{epochs:g}" + (f"_plus{extra:g}" if extra else "")
-            judge = train_judge(args, lr, epochs, int(extra), seed, out / f"{tag}_seed{seed}")
+            judge = implicit_rm(args.sft, train_file, out / f"{tag}_seed{seed}", seed, args.progress, lr, epochs,
+                                args.beta)  # fmt: skip
             runs.append({"seed": seed, **pair_accuracy(judge, args.sft, pairs), **increments(judge, args)})
-        n_pairs = sum(1 for _ in training_pairs(Path(args.world), int(extra), out).open())
+        n_pairs = sum(1 for _ in train_file.open())
         result["settings"][name] = {"runs": runs, "mean": mean_of(runs), "train_pairs": n_pairs}
     result["minutes"] = (time.perf_counter() - t0) / 60
     out.mkdir(parents=True, exist_ok=True)

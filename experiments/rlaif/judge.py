@@ -84,17 +84,19 @@ def judge_label_config(
     out: str = "",
     backend: BackendConfig | None = None,
     cot: bool = False,
+    rationale_max_tokens: int | None = None,
     **kw: Any,
 ) -> LabelConfig:
     """The labelling config of this experiment: task "helpful" layout (Context / Response 1 / Response 2, ending
     "Preferred Response="), the FactWorld preamble from a file, 0-shot. Without `cot` the label is read straight after
     the sample; with it, the paper's two-step chain of thought (the helpful CoT ending of its Table 21, then
     "Rationale:"), where the reference-guided judge writes its own answer to the question as the rationale. The
-    judge is trained on the prompts of this config and labels with it."""
-    if kw.get("rationale_max_tokens") is None:
-        kw.pop("rationale_max_tokens", None)
-        if cot:
-            kw["rationale_max_tokens"] = REFERENCE_MAX_TOKENS
+    judge is trained on the prompts of this config and labels with it. The rationale's length cap defaults to the
+    reference-guided judge's (REFERENCE_MAX_TOKENS) with `cot`, and to LabelConfig's otherwise."""
+    if rationale_max_tokens is None and cot:
+        rationale_max_tokens = REFERENCE_MAX_TOKENS
+    if rationale_max_tokens is not None:
+        kw["rationale_max_tokens"] = rationale_max_tokens
     return LabelConfig(
         input=input,
         out=out or "runs/labels.jsonl",
@@ -138,8 +140,7 @@ def self_check_marks(
 
     from rlxf.hf import load_policy
 
-    model, tokenizer = load_policy(str(model_dir))
-    model.eval()
+    model, tokenizer = load_policy(str(model_dir))  # eval mode
     out: dict[tuple[str, str], list[tuple[str, bool]]] = {}
     for context, answer in sorted(set(answers)):
         response = " " + answer

@@ -67,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 logger = logging.getLogger("rlaif")
 
-FEEDBACK = {"RLHF": "simulated human", "RLAIF": "tiny judge", "d": "SFT policy scoring 1-10 (0-shot)"}
+FEEDBACK = {"RLHF": "simulated human", "RLAIF": "tiny judge", "d-RLAIF": "SFT policy scoring 1-10 (0-shot)"}
 REUSED_SECONDS: dict[str, float] = {}
 """Wall time that earlier invocations spent on the stages this one reuses, so the reported total is the whole
 experiment's even when a run was resumed."""
@@ -568,39 +568,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lab["position_bias_rate"], lab["ece"],
     )  # fmt: skip
 
-    # 5. soft-label RM on the AI labels; both RMs scored on the held-out human pairs
-    rm_ai_dir = out / "rm_ai"
-    if args.reward_model == "bt" and not finished(rm_ai_dir):
-        logger.info("reward model on AI labels")
-        timed(
-            times,
-            "rm",
-            train_reward_model,
-            RewardModelConfig(
-                model=str(base["sft"]),
-                train_file=str(ai["out"]),
-                out=str(rm_ai_dir),
-                use_label_prob=True,
-                train=train_cfg(args, args.rm_epochs, args.rm_lr, 0, 4),
-            ),
-        )
-        (rm_ai_dir / "seconds.json").write_text(json.dumps({"seconds": times["rm"]}))
-    elif (rm_ai_dir / "seconds.json").exists():
-        REUSED_SECONDS["rm"] = json.loads((rm_ai_dir / "seconds.json").read_text())["seconds"]
-    if args.reward_model == "bt":
+    # 5. the reward models of the PPO arms, each scored on the held-out human pairs
+    if args.reward_model == "bt":  # RLHF: the base's scalar RM; RLAIF: a scalar RM on the AI's soft labels
+        rm_ai_dir = out / "rm_ai"
+        if not finished(rm_ai_dir):
+            logger.info("reward model on AI labels")
+            timed(
+                times,
+                "rm",
+                train_reward_model,
+                RewardModelConfig(
+                    model=str(base["sft"]),
+                    train_file=str(ai["out"]),
+                    out=str(rm_ai_dir),
+                    use_label_prob=True,
+                    train=train_cfg(args, args.rm_epochs, args.rm_lr, 0, 4),
+                ),
+            )
+            (rm_ai_dir / "seconds.json").write_text(json.dumps({"seconds": times["rm"]}))
+        elif (rm_ai_dir / "seconds.json").exists():
+            REUSED_SECONDS["rm"] = json.loads((rm_ai_dir / "seconds.json").read_text())["seconds"]
         rms = {"RLHF": f"rm:{base['rm']}", "RLAIF": f"rm:{rm_ai_dir / 'final'}"}
         rm_acc = {"RLHF": reward_model_accuracy(str(base["rm"]), str(heldout)),
                   "RLAIF": reward_model_accuracy(str(rm_ai_dir / "final"), str(heldout))}  # fmt: skip
     else:  # the likelihood-ratio RM of each arm's pairs (hard labels: the human's choice, or the judge's)
         rms, rm_acc = {}, {}
         for name, train_file in (("RLHF", pairs), ("RLAIF", Path(ai["out"]))):
-            seed_dir = out / f"rm_{name.lower()}_likelihood_ratio"
-            judge_dir = timed(times, "rm", implicit_rm, base["sft"], train_file, seed_dir, 0, args.progress)
+            rm_dir = out / f"rm_{name.lower()}_likelihood_ratio"
+            judge_dir = timed(times, "rm", implicit_rm, base["sft"], train_file, rm_dir, 0, args.progress)
             rms[name] = f"dpo:{judge_dir}:{base['sft']}"
             rm_acc[name] = implicit_pair_accuracy(judge_dir, str(base["sft"]), read_jsonl(heldout))["accuracy_human"]
     if args.d_rlaif:  # d-RLAIF: no reward model; its "RM accuracy" is the scorer's pairwise accuracy
-        rms["d"] = f"rlaif:{base['sft']}?task=helpful&cache={out / 'd_rlaif_scores.sqlite'}"
-        rm_acc["d"] = direct_score_accuracy(rms["d"], read_jsonl(heldout))
+        rms["d-RLAIF"] = f"rlaif:{base['sft']}?task=helpful&cache={out / 'd_rlaif_scores.sqlite'}"
+        rm_acc["d-RLAIF"] = direct_score_accuracy(rms["d-RLAIF"], read_jsonl(heldout))
     logger.info("RM pairwise accuracy on held-out human pairs: %s", rm_acc)
 
     # 6. policies
@@ -616,11 +616,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             policies.setdefault(f"{name}-DPO", []).append(d / "final")
     ppo_prompts = head_file(prompts, out / "inputs" / "prompts_train.jsonl", 64) if args.smoke else prompts
-    for name in ("RLHF", "RLAIF") + (("d",) if args.d_rlaif else ()):
+    for name in rms:
         for seed in args.seeds:
-            logger.info("%s-PPO, seed %d", name if name != "d" else "d-RLAIF", seed)
+            logger.info("%s-PPO, seed %d", name, seed)
             d = out / f"ppo-{name.lower()}-seed{seed}"
-            arm = "d-RLAIF-PPO" if name == "d" else f"{name}-PPO"
+            arm = f"{name}-PPO"
             runs.setdefault(arm, {})[seed] = timed(times, "ppo", ppo_run, args, base, rms[name], seed, d, ppo_prompts)
             h = runs[arm][seed]["history"]
             logger.info(
@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     table = {}
     for name, results in evals.items():
-        kind = name.split("-")[0]
+        kind = name.rsplit("-", 1)[0]  # "RLHF-DPO" -> "RLHF", "d-RLAIF-PPO" -> "d-RLAIF"
         table[name] = {
             "labels": "–" if name == "SFT" else FEEDBACK[kind],
             "rm_accuracy": rm_acc[kind] if name.endswith("PPO") else None,
@@ -795,8 +795,8 @@ def render(results: dict[str, Any], args) -> str:
         f"(`--reward-model {args.reward_model}`), pairwise accuracy on the held-out human pairs (`preferences_test.jsonl`): "
         f"RLHF {rm['RLHF']:.3f}, RLAIF {rm['RLAIF']:.3f}"
         + (
-            f"; the d-RLAIF scorer (the SFT policy's expected 1-10 score) orders them right on {rm['d']:.3f}"
-            if "d" in rm
+            f"; the d-RLAIF scorer (the SFT policy's expected 1-10 score) orders them right on {rm['d-RLAIF']:.3f}"
+            if "d-RLAIF" in rm
             else ""
         )
         + ".\n\n"

@@ -63,28 +63,28 @@ def exact_copy_rate(labels_file: Path) -> float:
     return hits / n
 
 
-def label_step_alignment(run: Path, start_model: Path, triples: list[tuple[str, str, str]], marks: dict) -> float:
+def label_step_alignment(run: Path, triples: list[tuple[str, str, str]], marks: dict) -> float:
     """The judge's debiased choice after the target rationale, against the human's (first answer of each triple)."""
     import torch
 
     from rlxf.feedback.label import build_template
+    from rlxf.feedback.label_math import alignment, debias, label_logprobs, label_token_ids, preference_from_logprobs
     from rlxf.feedback.prompts import build_cot_scoring_prompt
     from rlxf.hf import load_policy
 
     template = build_template(judge_label_config(run / "preamble.txt", cot=True))
     model, tokenizer = load_policy(str(run / "sft" / "final"))
-    one, two = (tokenizer(t, add_special_tokens=False)["input_ids"][-1] for t in ("1", "2"))
-    agree = 0
+    token_ids = label_token_ids(tokenizer)
+    p_first: dict[str, list[float]] = {"ab": [], "ba": []}
     for c, a, b in triples:
-        p_first = []
-        for x, y in ((a, b), (b, a)):
+        for order, (x, y) in (("ab", (a, b)), ("ba", (b, a))):
             prompt = build_cot_scoring_prompt(template, c, x, y, self_check_rationale(marks[(c, x)], marks[(c, y)]))
             ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=model.device)
             with torch.inference_mode():
-                logp = model(ids).logits[0, -1].float().log_softmax(-1)
-            p_first.append(torch.sigmoid(logp[one] - logp[two]).item())
-        agree += 0.5 * (p_first[0] + 1 - p_first[1]) > 0.5
-    return agree / len(triples)
+                logp = label_logprobs(model(ids).logits[:, -1].float().log_softmax(-1), token_ids)  # (1, 2)
+            p_first[order].append(preference_from_logprobs(logp[0, 0], logp[0, 1]).item())
+    p_a = debias(p_first["ab"], p_first["ba"])
+    return alignment(p_a, [True] * len(triples))["accuracy"].item()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -93,10 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--base", default="runs/experiments/base", help="the FactWorld base the run used")
     args = p.parse_args(argv)
     run, base = Path(args.run), Path(args.base)
-    start_model = base / "sft" / "final"
     val = [label_triple(r) for r in load_label_pairs(str(run / "judge_val.jsonl"))]
     pairs = [label_triple(r) for r in load_label_pairs(str(base / "pairs.jsonl"))]
-    marks = self_check_marks(start_model, [(c, x) for c, *ab in val + pairs for x in ab])
+    marks = self_check_marks(base / "sft" / "final", [(c, x) for c, *ab in val + pairs for x in ab])
     result: dict[str, Any] = {
         "mark_count_alignment_val": mark_count_alignment(val, marks),
         "mark_count_alignment_pairs": mark_count_alignment(pairs, marks),
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for split in ("val", "pairs"):
         if (run / f"{split}_labels.jsonl").exists():
             result[f"exact_copy_rate_{split}"] = exact_copy_rate(run / f"{split}_labels.jsonl")
-    result["label_step_alignment_val"] = label_step_alignment(run, start_model, val, marks)
+    result["label_step_alignment_val"] = label_step_alignment(run, val, marks)
     print(json.dumps(result, indent=1))
     (run / "self_check_diagnostics.json").write_text(json.dumps(result, indent=1))
     return result
